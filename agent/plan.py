@@ -1,0 +1,106 @@
+"""NodePlan: the complete, backend-neutral description of what this node
+does with Service traffic. Every backend renders the same plan; none of them
+looks at API objects or re-decides topology.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from agent.model import ZONE_LABEL, NodeInfo, ServicePort, ServicePortName
+from agent.state import ClusterState, ResolvedPort, Skipped
+from agent.topology import Decision, categorize
+
+PlanKey = tuple[ServicePortName, int]  # (service port, IP family)
+
+
+@dataclass(frozen=True)
+class ServicePortPlan:
+    """The decision for one service port in one IP family."""
+
+    service: ServicePort
+    family: int
+    decision: Decision
+
+    @property
+    def name(self) -> ServicePortName:
+        return self.service.name
+
+    @property
+    def key(self) -> PlanKey:
+        return (self.service.name, self.family)
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    node: NodeInfo
+    entries: Mapping[PlanKey, ServicePortPlan]
+    skipped: tuple[Skipped, ...] = ()
+    node_reasons: tuple[str, ...] = field(default=())
+
+    def for_family(self, family: int) -> list[ServicePortPlan]:
+        """The entries of one family, sorted by service port name."""
+        return [self.entries[k] for k in sorted(self.entries) if k[1] == family]
+
+    def by_name(self) -> dict[ServicePortName, list[ServicePortPlan]]:
+        out: dict[ServicePortName, list[ServicePortPlan]] = {}
+        for key in sorted(self.entries):
+            out.setdefault(key[0], []).append(self.entries[key])
+        return out
+
+
+def plan_port(
+    resolved: ResolvedPort, node: NodeInfo, prefer_same_node: bool
+) -> list[ServicePortPlan]:
+    """Plans for every family the service port has a cluster IP in.
+
+    Each family is decided on its own, from that family's endpoints only,
+    as kube-proxy runs one proxier per family.
+    """
+    out = []
+    for family in resolved.service.families:
+        endpoints = [e for e in resolved.endpoints if e.family == family]
+        decision = categorize(resolved.service, endpoints, node, prefer_same_node=prefer_same_node)
+        out.append(ServicePortPlan(resolved.service, family, decision))
+    return out
+
+
+def node_reasons(node: NodeInfo) -> tuple[str, ...]:
+    if not node.known:
+        return (f"no Node object named {node.name}: zone unknown, zone hints cannot apply",)
+    if not node.zone:
+        return (f"node {node.name} has no {ZONE_LABEL} label",)
+    return ()
+
+
+def build_plan(state: ClusterState, *, prefer_same_node: bool = True) -> NodePlan:
+    node = state.node
+    entries: dict[PlanKey, ServicePortPlan] = {}
+    for resolved in state.service_ports():
+        for p in plan_port(resolved, node, prefer_same_node):
+            entries[p.key] = p
+    return NodePlan(node, entries, tuple(state.skipped()), node_reasons(node))
+
+
+def update_plan(
+    plan: NodePlan,
+    state: ClusterState,
+    changed: Iterable[ServicePortName],
+    *,
+    prefer_same_node: bool = True,
+) -> NodePlan:
+    """A new plan recomputing only the changed service ports.
+
+    Cost grows with the number of changed ports, not with the cluster size
+    (the entry mapping is copied, which is a cheap dict copy).
+    """
+    changed = set(changed)
+    node = state.node
+    entries = {k: v for k, v in plan.entries.items() if k[0] not in changed}
+    for name in changed:
+        resolved = state.service_port(name)
+        if resolved is not None:
+            for p in plan_port(resolved, node, prefer_same_node):
+                entries[p.key] = p
+    return NodePlan(node, entries, tuple(state.skipped()), node_reasons(node))
