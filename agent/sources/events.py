@@ -31,12 +31,17 @@ class ObjectEvent:
     obj: Mapping[str, Any] = field(hash=False, compare=False)
     origin: str = ""
 
+    def _meta(self, key: str) -> str:
+        # Defensive: events may carry malformed objects, which the state
+        # reports by namespace/name before rejecting them.
+        meta = self.obj.get("metadata") if isinstance(self.obj, Mapping) else None
+        value = meta.get(key) if isinstance(meta, Mapping) else None
+        return value if isinstance(value, str) else ""
+
     @property
     def namespace(self) -> str:
-        meta = self.obj.get("metadata") or {}
-        return str(meta.get("namespace") or "")
+        return self._meta("namespace") or ("default" if self.kind != "Node" else "")
 
     @property
     def name(self) -> str:
-        meta = self.obj.get("metadata") or {}
-        return str(meta.get("name") or "")
+        return self._meta("name")
