@@ -58,6 +58,9 @@ class ClusterState:
         self._slices_of: dict[ServiceKey, set[str]] = {}  # service -> slice names
         self._resolved: dict[ServiceKey, dict[ServicePortName, ResolvedPort]] = {}
         self._node: NodeInfo | None = None
+        # Kept up to date on every event so that listing skips never costs a
+        # walk over every service (partial syncs must not grow with size).
+        self._skipped: dict[str, Skipped] = {}
 
     # ------------------------------------------------------------ queries
 
@@ -78,17 +81,13 @@ class ClusterState:
         return {n for by_name in self._resolved.values() for n in by_name}
 
     def skipped(self) -> list[Skipped]:
-        out = [
-            Skipped(f"Service {ns}/{name}", svc.skip_reason)
-            for (ns, name), svc in self._services.items()
-            if svc.skip_reason
-        ]
-        out += [
-            Skipped(f"EndpointSlice {ns}/{name}", "no kubernetes.io/service-name label")
-            for (ns, name), sl in self._slices.items()
-            if not sl.service
-        ]
-        return sorted(out, key=lambda s: (s.object, s.reason))
+        return sorted(self._skipped.values(), key=lambda s: (s.object, s.reason))
+
+    def _note_skip(self, obj: str, reason: str) -> None:
+        if reason:
+            self._skipped[obj] = Skipped(obj, reason)
+        else:
+            self._skipped.pop(obj, None)
 
     def slices_of(self, namespace: str, service: str) -> list[ParsedSlice]:
         names = sorted(self._slices_of.get((namespace, service), ()))
@@ -118,8 +117,11 @@ class ClusterState:
         key = (namespace, name)
         if event.action == "delete":
             self._services.pop(key, None)
+            self._note_skip(f"Service {namespace}/{name}", "")
         else:
-            self._services[key] = parse_service(event.obj, self.proxy_name)
+            parsed = parse_service(event.obj, self.proxy_name)
+            self._services[key] = parsed
+            self._note_skip(f"Service {namespace}/{name}", parsed.skip_reason)
         return self._resolve(key)
 
     def _apply_slice(self, event: ObjectEvent) -> set[ServicePortName]:
@@ -138,6 +140,9 @@ class ClusterState:
             if old.service:
                 self._slices_of.get((namespace, old.service), set()).discard(name)
                 touched.add((namespace, old.service))
+        unlabelled = new is not None and not new.service
+        reason = "no kubernetes.io/service-name label" if unlabelled else ""
+        self._note_skip(f"EndpointSlice {namespace}/{name}", reason)
         if new is not None:
             self._slices[key] = new
             if new.service:

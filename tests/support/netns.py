@@ -29,6 +29,9 @@ Design choices, and why:
 * **IPv6 without DAD.** ``accept_dad=0`` is set before links are created and
   addresses carry ``nodad``: tentative addresses cannot be used as sources,
   and DAD would add a second or more to every topology.
+* **No ICMP rate limit** in any namespace: REJECT answers with ICMP errors,
+  and the kernel's per-peer limit would turn all but the first few refused
+  attempts of a probe into timeouts.
 * **Sysctls kube-proxy relies on** are set on the node: ``ip_forward``,
   ``ipv6 forwarding``, ``route_localnet`` (NodePorts on 127.0.0.1), and
   ``rp_filter=0`` explicitly, because a new namespace may inherit the host's
@@ -42,6 +45,7 @@ namespace and their peers are moved straight into the pod namespaces.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -105,9 +109,7 @@ def run(
 def _python_env() -> dict[str, str]:
     env = dict(os.environ)
     # The helpers run as "python -m tests.support.podserver" from any cwd.
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 
@@ -132,10 +134,8 @@ def _kill_namespace_processes(name: str) -> None:
     """Kill what still runs inside a namespace: deleting it would not."""
     pids = run(["ip", "netns", "pids", name], check=False).stdout.split()
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
 
 
 def delete_namespace(name: str) -> None:
@@ -456,7 +456,7 @@ class PodServer:
         argv += [arg for port in self.udp for arg in ("--udp", str(port))]
         # stderr goes to a file: a pipe nobody drains could fill and block
         # the server, but a start-up traceback must still be readable.
-        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives with the server
         # "ip netns exec" execs the command (no fork), so this pid is the
         # server itself and killing it leaves nothing behind.
         self.proc = subprocess.Popen(
@@ -478,9 +478,10 @@ class PodServer:
                     return
                 if not line:
                     break
-        self.stop()
         self._stderr.seek(0)
-        raise RuntimeError(f"pod server did not start: {self._stderr.read()[-2000:]}")
+        stderr = self._stderr.read()[-2000:]
+        self.stop()
+        raise RuntimeError(f"pod server did not start: {stderr}")
 
     def stop(self, sig: int = signal.SIGKILL) -> None:
         if self.proc.poll() is None:
@@ -603,6 +604,12 @@ class Topology:
                 "net.ipv6.conf.default.accept_dad": 0,
                 "net.ipv4.conf.all.rp_filter": 0,
                 "net.ipv4.conf.default.rp_filter": 0,
+                # ICMP errors are rate limited per peer (a burst of ~6, then
+                # one a second), so a REJECT or a closed UDP port would answer
+                # only the first few probe attempts and the rest would look
+                # like timeouts.
+                "net.ipv4.icmp_ratelimit": 0,
+                "net.ipv6.icmp.ratelimit": 0,
             }
         )
         ns.ip("link", "set", "lo", "up")
@@ -617,7 +624,9 @@ class Topology:
             }
         )
         self._add_namespace(self.gw)
-        self.node.ip("link", "add", "uplink", "type", "veth", "peer", "name", "eth0", "netns", self.gw.name)
+        self.node.ip(
+            "link", "add", "uplink", "type", "veth", "peer", "name", "eth0", "netns", self.gw.name
+        )
         self.gw.ip_batch(
             [
                 "link set eth0 up",
@@ -630,8 +639,14 @@ class Topology:
                 "link set uplink up",
                 f"addr add {GW_NODE_IPV4}/30 dev uplink",
                 f"addr add {GW_NODE_IPV6}/64 dev uplink nodad",
-                f"route add default via {GW_IPV4} dev uplink",
-                f"route add default via {GW_IPV6} dev uplink",
+                # The node IP lives on the uplink too and is the preferred
+                # source: node-originated VIP traffic is routed (and its
+                # source chosen) before DNAT, via this default route, and a
+                # real node's default-route address is its node IP.
+                f"addr add {self.node_ipv4}/32 dev uplink",
+                f"addr add {self.node_ipv6}/128 dev uplink nodad",
+                f"route add default via {GW_IPV4} dev uplink src {self.node_ipv4}",
+                f"route add default via {GW_IPV6} dev uplink src {self.node_ipv6}",
             ]
         )
 
@@ -715,12 +730,10 @@ class Topology:
             return
         self._closed = True
         for pod in self.pods.values():
-            try:
+            # Keep going on errors: a namespace left behind is worse than a
+            # server that already died.
+            with contextlib.suppress(Exception):
                 pod.stop_server()
-            except Exception:
-                # Keep going: a namespace left behind is worse than a
-                # server that already died.
-                pass
         # Pods first, node last: deleting the node namespace destroys the
         # node-side veths and with them their peers.
         for ns in reversed(self._namespaces):

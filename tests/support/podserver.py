@@ -60,7 +60,9 @@ def split_addr(addr: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _reply(pod: str, proto: str, peer: tuple[Any, ...], local: tuple[Any, ...], **extra: Any) -> bytes:
+def _reply(
+    pod: str, proto: str, peer: tuple[Any, ...], local: tuple[Any, ...], **extra: Any
+) -> bytes:
     body = {
         "pod": pod,
         "proto": proto,
@@ -221,9 +223,7 @@ def _attempt_tcp(ip: str, port: int, timeout: float, source: str | None) -> dict
             sock.bind((source, 0))
         sock.connect((ip, port))
         local = sock.getsockname()
-        sock.sendall(
-            b"GET /probe HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n"
-        )
+        sock.sendall(b"GET /probe HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
         reply = json.loads(_read_http_body(sock))
     reply["source"] = format_addr(local[0], local[1])
     return reply
