@@ -43,13 +43,26 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
-from agent.sources.events import ObjectEvent
+from agent.sources.events import Action, ObjectEvent
 
 log = logging.getLogger(__name__)
 
 # Well-known labels (k8s.io/api/core/v1 and k8s.io/kubernetes/pkg/proxy/apis).
 LABEL_SERVICE_PROXY_NAME = "service.kubernetes.io/service-proxy-name"
 LABEL_HEADLESS = "service.kubernetes.io/headless"
+
+# Every counter a reflector keeps; stats() reports them all, zeros included.
+COUNTERS = (
+    "lists",
+    "relists",
+    "watches",
+    "watch_restarts",
+    "expired",
+    "errors",
+    "read_timeouts",
+    "events",
+    "bookmarks",
+)
 
 JSON = dict[str, Any]
 Key = tuple[str, str]  # (namespace, name)
@@ -239,9 +252,8 @@ class Reflector:
 
     ``on_synced(kind)`` is called once, after every object of the first
     successful list has been handed to the sink. ``on_count(kind, name)`` is
-    called for every counter increment (``lists``, ``relists``, ``watches``,
-    ``watch_restarts``, ``expired``, ``errors``, ``events``, ``bookmarks``,
-    ``read_timeouts``) so the caller can feed its metrics.
+    called for every counter increment (names in ``COUNTERS``) so the caller
+    can feed its metrics.
     """
 
     def __init__(
@@ -267,7 +279,7 @@ class Reflector:
         self._synced = threading.Event()
         self._lock = threading.Lock()
         self._resp: Any = None  # the in-flight urllib3 response, for stop()
-        self._counts: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         self._rv: str | None = None
         # Last delivered object per key: needed to emit deletes after a relist
         # (the delete carries the object, e.g. a slice's service-name label).
@@ -505,9 +517,9 @@ class Reflector:
             with self._lock:
                 self._rv = rv
 
-    def _emit(self, action: str, obj: Mapping[str, Any]) -> None:
+    def _emit(self, action: Action, obj: Mapping[str, Any]) -> None:
         self._count("events")
-        event = ObjectEvent(action, self.kind, obj, "api")  # type: ignore[arg-type]
+        event = ObjectEvent(action, self.kind, obj, "api")
         try:
             if isinstance(self._sink, queue.Queue):
                 self._sink.put(event)

@@ -423,6 +423,9 @@ class FakeApiServer:
             watches = list(self._watches)
             for w in watches:
                 w.dropped = True
+            # Forget them now, not when their handler threads notice, so
+            # open_watches() is exact as soon as this returns.
+            self._watches.clear()
             self._cond.notify_all()
         for w in watches:
             with suppress(OSError):
@@ -472,6 +475,11 @@ class FakeApiServer:
         """Answer the next ``count`` matching requests with HTTP ``code``."""
         with self._cond:
             self._failures.extend([(verb, kind, code)] * count)
+
+    def clear_failures(self) -> None:
+        """Forget failures injected with ``fail_next`` that have not fired yet."""
+        with self._cond:
+            self._failures.clear()
 
     # ---------------------------------------------------------- introspection
 
@@ -559,8 +567,20 @@ class FakeApiServer:
         return 0
 
     def _handle_discovery(self, h: _Handler, path: str) -> None:
+        path = path.rstrip("/") or "/"
         if path == "/version":
-            body: JSON = {"major": "1", "minor": "33", "gitVersion": "v1.33.0-fake"}
+            # Every field: the client's VersionInfo model rejects partial ones.
+            body: JSON = {
+                "major": "1",
+                "minor": "33",
+                "gitVersion": "v1.33.0-fake",
+                "gitCommit": "0" * 40,
+                "gitTreeState": "clean",
+                "buildDate": "2025-01-01T00:00:00Z",
+                "goVersion": "go1.24",
+                "compiler": "gc",
+                "platform": "linux/amd64",
+            }
         elif path == "/api":
             body = {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
         elif path == "/apis":
