@@ -16,7 +16,7 @@ from agent import __version__
 from agent.config import ConfigError
 
 # Command modules under agent.commands, in the order `--help` lists them.
-COMMANDS = ("explain",)
+COMMANDS = ("explain", "run", "render", "apply", "cleanup")
 
 
 def build_parser() -> argparse.ArgumentParser:

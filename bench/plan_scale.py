@@ -30,6 +30,10 @@ def service(i: int) -> dict[str, Any]:
     }
 
 
+def pod_ip(k: int) -> str:
+    return f"10.{128 + k // 65536}.{k // 256 % 256}.{k % 256}"
+
+
 def eslice(i: int, n: int, gen: int = 0) -> dict[str, Any]:
     return {
         "kind": "EndpointSlice",
@@ -43,9 +47,7 @@ def eslice(i: int, n: int, gen: int = 0) -> dict[str, Any]:
         "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
         "endpoints": [
             {
-                "addresses": [
-                    f"10.{128 + (i * n + j) // 65536}.{(i * n + j) // 256 % 256}.{(i * n + j) % 256}"
-                ],
+                "addresses": [pod_ip(i * n + j)],
                 "nodeName": f"node-{j % 50}",
                 "conditions": {"ready": j != gen},
             }
