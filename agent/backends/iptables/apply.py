@@ -23,6 +23,12 @@ from typing import Any
 from agent.backends.base import SyncResult
 from agent.backends.iptables import chains as c
 from agent.backends.iptables.detect import detect_mode
+from agent.backends.iptables.nftcache import (
+    jump_prelude,
+    nat_section_size,
+    wants_full_chain_cache,
+    with_full_chain_cache,
+)
 from agent.backends.iptables.options import LARGE_CLUSTER_ENDPOINTS, RenderOptions
 from agent.backends.iptables.partial import Change, DispatchIndex, partial_restore
 from agent.backends.iptables.render import FAMILIES, FamilyRules, IptablesRenderer, fixed_rules
@@ -266,12 +272,20 @@ class IptablesBackend:
                     j for j in fr.fixed.jumps if j.found_in(saves[j.table].splitlines()) is None
                 ]
                 wanted = fr.owned_chains()
-                stale = sorted(
-                    ch
-                    for ch in chains_in(saves[NAT])
-                    if c.is_service_chain(ch) and ch not in wanted
-                )
+                existing = chains_in(saves[NAT])
+                stale = sorted(ch for ch in existing if c.is_service_chain(ch) and ch not in wanted)
+                sent = ""
                 text = fr.restore_text(missing_jumps=missing, stale_chains=stale)
+                if wants_full_chain_cache(self.mode, *nat_section_size(text), len(existing)):
+                    # See nftcache.py: without this, iptables-nft-restore
+                    # --noflush grows as commands x chains (15 s at 3k services).
+                    prelude = jump_prelude(missing, existing)
+                    if prelude:
+                        sent += prelude
+                        timed_restore(ipt, prelude, "full-jumps", self.restores)
+                        missing = [j for j in missing if j.table != NAT]
+                        text = fr.restore_text(missing_jumps=missing, stale_chains=stale)
+                    text = with_full_chain_cache(text)
                 timed_restore(ipt, text, "full", self.restores)
             except RestoreError as exc:
                 log.error("full sync of %s rejected: %s", family_label(family), exc)
@@ -279,8 +293,9 @@ class IptablesBackend:
                 self.applied.pop(family, None)
                 continue
             self.applied[family] = FamilyState.from_rules(fr)
-            chains += sum(1 for line in text.splitlines() if line.startswith(":"))
-            rules += sum(1 for line in text.splitlines() if line.startswith(("-A ", "-I ")))
+            sent += text
+            chains += sum(1 for line in sent.splitlines() if line.startswith(":"))
+            rules += sum(1 for line in sent.splitlines() if line.startswith(("-A ", "-I ")))
             for table, n in fr.rule_counts().items():
                 counts[(table, family_label(family))] = n
         self.need_full = bool(errors)
@@ -329,6 +344,11 @@ class IptablesBackend:
                     result.chains_written,
                     result.rules_written,
                 )
+                # Only a partial sync touching thousands of services gets
+                # here: reading back the whole table usually costs more.
+                owned = sum(len(s.chains) for s in state.services.values())
+                if wants_full_chain_cache(self.mode, *nat_section_size(pp.text), owned):
+                    pp.text = with_full_chain_cache(pp.text)
             plans.append(pp)
 
         for pp in plans:
