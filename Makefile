@@ -26,7 +26,7 @@ demo: venv
 	@if $(BIN)/sliceproxy render --help >/dev/null 2>&1; then \
 		echo "== sliceproxy render: the iptables rule set $(NODE) would get"; \
 		$(BIN)/sliceproxy render --state $(EXAMPLE) --node $(NODE) --backend iptables \
-			--cluster-cidr 10.244.0.0/16 --family both; \
+			--cluster-cidr 10.244.0.0/16,fd00:10:244::/48 --family both; \
 	fi
 
 # Debian packages for the e2e (network namespace) and VM tests. Only as root;
