@@ -69,6 +69,9 @@ class AgentOptions:
     min_sync_period: float = 1.0
     sync_period: float = 30.0
     full_sync_period: float = FULL_SYNC_PERIOD
+    # How often the backend's optional tick() runs (IPVS: finish graceful
+    # terminations between syncs; upstream checks every minute).
+    tick_period: float = 60.0
     # Kinds whose first full list must arrive before the first sync.
     wait_for: frozenset[str] = frozenset(KINDS)
 
@@ -146,6 +149,12 @@ class Agent:
             clock=clock,
         )
         self._thread: threading.Thread | None = None
+        # backend.sync and backend.tick run on different threads; backends
+        # are not thread-safe, so one lock serializes them.
+        self._backend_lock = threading.Lock()
+        self._next_tick: float | None = None
+        self._tick_stop = threading.Event()
+        self._tick_thread: threading.Thread | None = None
         self.reports: list[SyncReport] = []  # the last few, newest last
         self.max_reports = 50
 
@@ -248,10 +257,6 @@ class Agent:
         )
         if self.metrics is not None:
             self.metrics.invalid_objects.labels(problem.kind, problem.reason).inc()
-        # The state keeps every problem for `explain`; a long-running agent
-        # must not grow without bound on a stream of bad updates.
-        if len(self.state.problems) > 1000:
-            del self.state.problems[:-100]
 
     # ------------------------------------------------------------ queries
 
@@ -308,7 +313,8 @@ class Agent:
 
         kind: SyncKind = "full" if full else "partial"
         try:
-            result = self.backend.sync(plan, None if full else frozenset(changed))
+            with self._backend_lock:
+                result = self.backend.sync(plan, None if full else frozenset(changed))
         except Exception as exc:  # a backend bug must not stop the loop
             log.exception("backend sync raised")
             result = SyncResult(kind=kind, ok=False, error=f"{type(exc).__name__}: {exc}")
@@ -401,9 +407,47 @@ class Agent:
 
     # ------------------------------------------------------------ lifecycle
 
+    def tick(self) -> float:
+        """Call the backend's optional ``tick()`` once ``tick_period`` has
+        passed (counted from the first call); return the seconds until the
+        next one is due. Nothing happens before the first successful sync.
+        """
+        fn = getattr(self.backend, "tick", None)
+        period = self.options.tick_period
+        if fn is None:
+            return period
+        now = self._clock()
+        if self._next_tick is None:
+            self._next_tick = now + period
+        if now < self._next_tick:
+            return max(0.0, self._next_tick - now)
+        if self.plan is not None:
+            with self._backend_lock:
+                try:
+                    fn()
+                except Exception:  # a backend bug must not stop the ticks
+                    log.exception("backend tick raised")
+        self._next_tick = self._clock() + period
+        return period
+
+    def _tick_loop(self) -> None:
+        while not self._tick_stop.wait(self.tick()):
+            pass
+
     def start(self) -> None:
         """Run the sync loop in a thread (syncs begin once the source is synced)."""
+        if self._tick_thread is None and getattr(self.backend, "tick", None) is not None:
+            self._tick_thread = threading.Thread(
+                target=self._tick_loop, name="backend-tick", daemon=True
+            )
+            self._tick_thread.start()
         if self._thread is None:
+            if self.health is not None:
+                # Nothing is programmed yet: the start is an update waiting
+                # to be synced, so an agent that cannot list (API server
+                # unreachable) turns unhealthy after the health timeout.
+                # Upstream stays healthy until its first sync (health.py).
+                self.health.started()
             self._thread = self.runner.start()
 
     def stop(self, timeout: float = 10.0) -> bool:
@@ -414,6 +458,9 @@ class Agent:
         place either way, as kube-proxy leaves them on exit.
         """
         self.runner.stop()
+        self._tick_stop.set()
+        if self._tick_thread is not None:
+            self._tick_thread.join(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
             return not self._thread.is_alive()

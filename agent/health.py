@@ -3,9 +3,15 @@ semantics (pkg/proxy/healthcheck/proxy_health.go).
 
 * The proxy is *unhealthy* when an update has been queued (a Service or
   EndpointSlice change that needs new rules) and not synced for longer than
-  the health timeout, which kube-proxy sets to 2 x ``--sync-period``. Before
-  the first successful sync it is healthy: a starting agent must not be
-  killed by its liveness probe while it lists a large cluster.
+  the health timeout, which kube-proxy sets to 2 x ``--sync-period``.
+* Starting up differs from upstream on purpose. kube-proxy is healthy until
+  its first sync however long that takes, so one that cannot reach the API
+  server reports healthy forever while it has programmed nothing. The agent
+  calls ``started()`` instead, which counts the start itself as a queued
+  update: the proxy is healthy for one health timeout (time to list a large
+  cluster), then unhealthy until the first successful sync. Without
+  ``started()``, updates queued before the first sync are ignored, which is
+  upstream's behaviour.
 * ``/healthz`` also fails when this node is not *eligible*: its Node has a
   deletion timestamp or the cluster autoscaler's ``ToBeDeletedByClusterAutoscaler``
   taint (or the Node is gone). Cloud load balancers probe /healthz to pick
@@ -35,6 +41,8 @@ log = logging.getLogger(__name__)
 TO_BE_DELETED_TAINT = "ToBeDeletedByClusterAutoscaler"
 
 WallClock = Callable[[], float]
+# time.Time{}.String(): what kube-proxy shows as lastUpdated before any sync.
+GO_ZERO_TIME = "0001-01-01 00:00:00 +0000 UTC"
 
 
 def go_time(ts: float) -> str:
@@ -69,6 +77,8 @@ class ProxyHealth:
         self._lock = threading.Lock()
         self._last_updated: float | None = None
         self._oldest_queued: float | None = None
+        # Whether the start itself is pending (see started()).
+        self._start_queued = False
         # Eligible while starting, until a Node event says otherwise (upstream).
         self._node_eligible = True
 
@@ -78,10 +88,25 @@ class ProxyHealth:
             if self._oldest_queued is None:
                 self._oldest_queued = self._clock() if at is None else at
 
+    def started(self, at: float | None = None) -> None:
+        """The proxy started: every rule is still to be written.
+
+        A queued update that, unlike the others, counts before the first
+        successful sync, so that a proxy which never manages to list (API
+        server unreachable) turns unhealthy after the timeout instead of
+        looking healthy with nothing programmed.
+        """
+        with self._lock:
+            now = self._clock() if at is None else at
+            if self._oldest_queued is None or now < self._oldest_queued:
+                self._oldest_queued = now
+            self._start_queued = True
+
     def updated(self) -> None:
         """A sync succeeded: everything queued so far is in the kernel."""
         with self._lock:
             self._oldest_queued = None
+            self._start_queued = False
             self._last_updated = self._clock()
 
     def set_node(self, node: Mapping[str, Any] | None) -> None:
@@ -99,8 +124,10 @@ class ProxyHealth:
         """(healthy ignoring the node, last updated, now)."""
         with self._lock:
             now = self._clock()
-            if self._last_updated is None or self._oldest_queued is None:
-                # Never synced yet (starting up) or nothing pending.
+            if self._oldest_queued is None:
+                return True, self._last_updated, now  # nothing pending
+            if self._last_updated is None and not self._start_queued:
+                # Upstream: healthy while starting, however long it takes.
                 return True, self._last_updated, now
             healthy = now - self._oldest_queued < self.timeout
             return healthy, self._last_updated, now
@@ -116,15 +143,21 @@ class ProxyHealth:
         eligible = self.node_eligible
         if path == "/healthz":
             healthy = healthy and eligible
-        # Upstream: a healthy proxy reports lastUpdated = now.
-        shown = now if healthy or last is None else last
+        # Upstream: a healthy proxy reports lastUpdated = now; one that never
+        # synced reports Go's zero time.
+        if healthy:
+            shown = go_time(now)
+        elif last is None:
+            shown = GO_ZERO_TIME
+        else:
+            shown = go_time(last)
         if path == "/healthz":
             body = (
-                f'{{"lastUpdated": "{go_time(shown)}","currentTime": "{go_time(now)}", '
+                f'{{"lastUpdated": "{shown}","currentTime": "{go_time(now)}", '
                 f'"nodeEligible": {str(eligible).lower()}}}'
             )
         else:
-            body = f'{{"lastUpdated": "{go_time(shown)}","currentTime": "{go_time(now)}"}}'
+            body = f'{{"lastUpdated": "{shown}","currentTime": "{go_time(now)}"}}'
         return (200 if healthy else 503), body
 
 

@@ -61,6 +61,25 @@ NETWORK_PROGRAMMING_BUCKETS = (
 )
 
 
+def written_counts(result: SyncResult) -> Mapping[tuple[str, str], int]:
+    """Rules written per (table, family) by a successful sync, for ``_last``.
+
+    The backend's own ``written_counts`` when it reports them. Otherwise: a
+    full sync rewrote everything it owns, so what is in place
+    (``rule_counts``) is what was written; a partial sync that wrote nothing
+    wrote zero to every table. A partial sync that wrote rules without a
+    per-table breakdown leaves the gauges alone: a guess would be a wrong
+    number on a dashboard, an unchanged one is merely stale.
+    """
+    if result.written_counts:
+        return result.written_counts
+    if result.kind == "full":
+        return result.rule_counts
+    if result.rules_written == 0:
+        return dict.fromkeys(result.rule_counts, 0)
+    return {}
+
+
 class Metrics:
     """Every series sliceproxy exports, and the recording helpers the agent uses."""
 
@@ -213,13 +232,7 @@ class Metrics:
     def _record_rule_counts(self, result: SyncResult) -> None:
         for (table, fam), n in result.rule_counts.items():
             self.rules_total.labels(table, fam).set(n)
-        # rule_counts is what is in place; after a full sync that is exactly
-        # what was written. A partial sync's per-table write counts are only
-        # known if the backend reports them (``written_counts``).
-        written: Mapping[tuple[str, str], int] | None = getattr(result, "written_counts", None)
-        if written is None and result.kind == "full":
-            written = result.rule_counts
-        for (table, fam), n in (written or {}).items():
+        for (table, fam), n in written_counts(result).items():
             self.rules_last.labels(table, fam).set(n)
 
     def record_queued(self, families: Iterable[str], wall_now: float) -> None:

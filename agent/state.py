@@ -7,6 +7,7 @@ recompute and rewrite only those.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -24,6 +25,12 @@ from agent.parse import (
 from agent.sources.events import ObjectEvent
 
 ServiceKey = tuple[str, str]  # (namespace, name)
+
+# Problems kept for `explain` and tests. A long-running agent fed a stream
+# of bad updates (a controller rewriting the same broken object) must not
+# grow without bound; the newest ones are the useful ones, and every
+# problem is also logged and counted when it happens.
+MAX_PROBLEMS = 1000
 
 
 @dataclass(frozen=True)
@@ -48,11 +55,14 @@ class ClusterState:
         node_name: str,
         proxy_name: str = "",
         on_problem: Callable[[Problem], None] | None = None,
+        max_problems: int = MAX_PROBLEMS,
     ) -> None:
         self.node_name = node_name
         self.proxy_name = proxy_name
         self._on_problem = on_problem
-        self.problems: list[Problem] = []
+        self._problems: deque[Problem] = deque(maxlen=max_problems)
+        # Every problem ever reported, including those the bound dropped.
+        self.problems_total = 0
         self._services: dict[ServiceKey, ParsedService] = {}
         self._slices: dict[ServiceKey, ParsedSlice] = {}  # (namespace, slice name)
         self._slices_of: dict[ServiceKey, set[str]] = {}  # service -> slice names
@@ -68,6 +78,14 @@ class ClusterState:
     def node(self) -> NodeInfo:
         """This node; an unknown node has no zone (and ``known=False``)."""
         return self._node or NodeInfo(name=self.node_name, known=False)
+
+    @property
+    def problems(self) -> list[Problem]:
+        """The most recent problems (at most ``max_problems``), oldest first.
+
+        A copy: callers may keep or sort it while events keep arriving.
+        """
+        return list(self._problems)
 
     def service_ports(self) -> Iterator[ResolvedPort]:
         """Every owned service port, in name order."""
@@ -195,7 +213,8 @@ class ClusterState:
             message=message,
             reason=reason,
         )
-        self.problems.append(problem)
+        self._problems.append(problem)
+        self.problems_total += 1
         if self._on_problem is not None:
             self._on_problem(problem)
 

@@ -30,6 +30,11 @@ class SyncResult:
     # Rules now in place per (table, family), e.g. {("nat", "IPv4"): 120}:
     # kubeproxy_sync_proxy_rules_iptables_total / _last.
     rule_counts: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    # Rules sent to the kernel per (table, family) by this sync:
+    # kubeproxy_sync_proxy_rules_iptables_last. Optional because a partial
+    # sync's per-table breakdown is not known to every backend; empty means
+    # "not reported" and the metrics fall back (agent.metrics.written_counts).
+    written_counts: Mapping[tuple[str, str], int] = field(default_factory=dict)
     # Human-readable reason when ok is False (with the failing line, if any).
     error: str = ""
     # A partial sync that failed and was redone as a full one.
@@ -57,4 +62,15 @@ class Backend(Protocol):
 
     def cleanup(self) -> int:
         """Remove everything this backend created; return the number of objects removed."""
+        ...
+
+
+class TickingBackend(Backend, Protocol):
+    """A backend with periodic housekeeping between syncs (optional: the agent
+    looks for ``tick`` with getattr, so other backends need nothing)."""
+
+    def tick(self) -> None:
+        """Called every ``AgentOptions.tick_period`` after the first sync, never
+        at the same time as ``sync``; must not raise (log and retry next time).
+        IPVS: delete drained real servers whose connections are gone."""
         ...

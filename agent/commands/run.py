@@ -53,7 +53,8 @@ Service's ClusterIP. On a fresh node that ClusterIP is programmed by this very
 proxy, so it cannot connect until it has synced: a chicken-and-egg problem.
 Give a node proxy the API server's real address (--master or a kubeconfig
 pointing at the load balancer / control-plane IP), as kube-proxy's DaemonSet
-does. See docs/running.md.
+does. --master alone, inside a pod, still authenticates with the pod's
+service account. See docs/running.md.
 """
 
 # --------------------------------------------------------------------------
@@ -423,10 +424,23 @@ def dry_run_backend(settings: RunSettings, out: TextIO) -> DryRunBackend:
 
 
 @dataclass(frozen=True)
+class Running:
+    """What ``serve`` started, handed to ``Deps.on_started`` (tests use it to
+    find the agent and the ports a ``:0`` bind address picked)."""
+
+    agent: Agent
+    health: ProxyHealth
+    metrics: Metrics
+    healthz_port: int | None
+    metrics_port: int | None
+
+
+@dataclass(frozen=True)
 class Deps:
     source: SourceFactory = kube_source
     backend: BackendFactory | None = None
     out: TextIO | None = None
+    on_started: Callable[[Running], None] | None = None
 
 
 # --------------------------------------------------------------------------
@@ -480,11 +494,15 @@ def serve(settings: RunSettings, stop: threading.Event, deps: Deps | None = None
     service_health: ServiceHealthServers | None = None
     agent: Agent | None = None
     source: Source | None = None
+    metrics_server: ServerThread | None = None
+    health_server: ServerThread | None = None
     try:
         if settings.metrics_bind is not None:
-            servers.append(metrics.serve(*settings.metrics_bind))
+            metrics_server = metrics.serve(*settings.metrics_bind)
+            servers.append(metrics_server)
         if settings.healthz_bind is not None:
-            servers.append(serve_health(health, *settings.healthz_bind, metrics.record_probe))
+            health_server = serve_health(health, *settings.healthz_bind, metrics.record_probe)
+            servers.append(health_server)
         agent = Agent(
             AgentOptions(
                 node_name=settings.node_name,
@@ -521,6 +539,16 @@ def serve(settings: RunSettings, stop: threading.Event, deps: Deps | None = None
         agent.start()
         source = deps.source(settings, agent.handle, agent.source_synced)
         source.start()
+        if deps.on_started is not None:
+            deps.on_started(
+                Running(
+                    agent,
+                    health,
+                    metrics,
+                    health_server.port if health_server is not None else None,
+                    metrics_server.port if metrics_server is not None else None,
+                )
+            )
         stop.wait()
         log.info("stopping %s", kv(reason="signal", rules="left in place"))
     except OSError as err:

@@ -36,12 +36,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
+from kubernetes.config.incluster_config import InClusterConfigLoader
 
 from agent.sources.events import Action, ObjectEvent
 
@@ -152,12 +154,26 @@ def _list_function(api_client: k8s_client.ApiClient, kind: str) -> Callable[...,
     raise ValueError(f"unsupported kind {kind!r}")
 
 
+# Where the kubelet mounts a pod's service-account credentials.
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
 def make_api_client(
-    *, kubeconfig: str | None = None, master: str | None = None
+    *,
+    kubeconfig: str | None = None,
+    master: str | None = None,
+    service_account_dir: str | Path = SERVICE_ACCOUNT_DIR,
 ) -> k8s_client.ApiClient:
     """Build a client the way kube-proxy does: ``--kubeconfig`` (with
     ``--master`` overriding its server), else ``--master`` alone, else the
-    in-cluster service account."""
+    in-cluster service account.
+
+    ``--master`` alone inside a pod (deploy/daemonset.yaml) still
+    authenticates with the pod's service account, as client-go's
+    ``BuildConfigFromFlags`` does there: the flag only replaces the address,
+    which must not be the ``kubernetes`` Service's ClusterIP (docs/running.md).
+    """
+    sa_dir = Path(service_account_dir)
     cfg = k8s_client.Configuration()
     if kubeconfig:
         k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
@@ -165,12 +181,58 @@ def make_api_client(
             cfg.host = master
     elif master:
         cfg.host = master
+        _use_service_account(cfg, sa_dir)
     else:
-        k8s_config.load_incluster_config(client_configuration=cfg)
+        InClusterConfigLoader(
+            token_filename=str(sa_dir / "token"), cert_filename=str(sa_dir / "ca.crt")
+        ).load_and_set(cfg)
     # urllib3's own retries would hide failures from our backoff and, for a
     # stalled server, multiply the time before we notice; we retry ourselves.
     cfg.retries = False
     return k8s_client.ApiClient(cfg)
+
+
+def _use_service_account(cfg: k8s_client.Configuration, sa_dir: Path) -> None:
+    """Authenticate ``cfg`` (whose host is set) with the mounted service account.
+
+    Outside a pod there is nothing mounted and the client stays anonymous, as
+    before (a local test server). The token is re-read whenever the file
+    changes: the kubelet rotates projected tokens (about hourly) by swapping
+    the mount's symlink, and a long-running agent must follow.
+    """
+    token_file, ca_file = sa_dir / "token", sa_dir / "ca.crt"
+    if not token_file.is_file():
+        return
+    if ca_file.is_file() and ca_file.stat().st_size > 0:
+        cfg.ssl_ca_cert = str(ca_file)
+    else:
+        # client-go logs this and goes on with the system's CAs; so do we.
+        log.warning("service account: %s missing or empty, using the system CAs", ca_file)
+    if not cfg.host.startswith("https://"):
+        # A bearer token over plain HTTP would be readable on the wire.
+        log.warning("service account: not sending the token to %s (not HTTPS)", cfg.host)
+        return
+    seen: list[tuple[int, int, int]] = []
+
+    def refresh(c: k8s_client.Configuration) -> None:
+        # Called by the client before every request: one stat() is cheap,
+        # and only a changed file is read again.
+        try:
+            st = token_file.stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if seen and seen[0] == stamp:
+                return
+            token = token_file.read_text().strip()
+        except OSError as err:
+            # Keep the last good token: the file may be mid-rotation.
+            log.warning("service account: cannot read %s: %s", token_file, err)
+            return
+        if token:
+            c.api_key["BearerToken"] = f"Bearer {token}"
+            seen[:] = [stamp]
+
+    refresh(cfg)
+    cfg.refresh_api_key_hook = refresh
 
 
 # --------------------------------------------------------------------------

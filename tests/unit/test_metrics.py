@@ -209,3 +209,44 @@ def test_process_and_platform_collectors_and_404(server: ServerThread) -> None:
     assert "python_info" in body
     assert "python_gc_objects_collected_total" in body
     assert http_get(f"http://127.0.0.1:{server.port}/other").status == 404
+
+
+def test_iptables_last_uses_written_counts_and_falls_back_without_them(
+    metrics: Metrics, server: ServerThread
+) -> None:
+    nat, flt = ("nat", "IPv4"), ("filter", "IPv4")
+    last = "kubeproxy_sync_proxy_rules_iptables_last"
+    v4 = {"ip_family": "IPv4"}
+    # A full sync without a breakdown wrote everything that is in place.
+    metrics.record_sync(
+        SyncResult("full", True, rules_written=15, rule_counts={nat: 12, flt: 3}), 0.01, [], 0.0
+    )
+    s = scrape(server)
+    assert (value(s, last, table="nat", **v4), value(s, last, table="filter", **v4)) == (12, 3)
+    # A partial sync that reports its breakdown is taken at its word.
+    metrics.record_sync(
+        SyncResult(
+            "partial",
+            True,
+            rules_written=4,
+            rule_counts={nat: 14, flt: 3},
+            written_counts={nat: 4, flt: 0},
+        ),
+        0.01,
+        [],
+        0.0,
+    )
+    s = scrape(server)
+    assert (value(s, last, table="nat", **v4), value(s, last, table="filter", **v4)) == (4, 0)
+    assert value(s, "kubeproxy_sync_proxy_rules_iptables_total", table="nat", **v4) == 14
+    # A partial sync that wrote nothing wrote zero everywhere...
+    metrics.record_sync(SyncResult("partial", True, rule_counts={nat: 14, flt: 3}), 0.01, [], 0.0)
+    s = scrape(server)
+    assert (value(s, last, table="nat", **v4), value(s, last, table="filter", **v4)) == (0, 0)
+    # ...but one that wrote rules without saying where leaves the gauges be.
+    metrics.record_sync(
+        SyncResult("partial", True, rules_written=7, rule_counts={nat: 16, flt: 3}), 0.01, [], 0.0
+    )
+    s = scrape(server)
+    assert (value(s, last, table="nat", **v4), value(s, last, table="filter", **v4)) == (0, 0)
+    assert value(s, "kubeproxy_sync_proxy_rules_iptables_total", table="nat", **v4) == 16

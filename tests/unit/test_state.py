@@ -334,3 +334,13 @@ def test_problem_callback_called() -> None:
     s = ClusterState(NODE, on_problem=seen.append)
     s.apply(up(service(ips=("bogus",))))
     assert [p.reason for p in seen] == ["invalid-ip"]
+
+
+def test_problems_are_bounded_to_the_newest() -> None:
+    s = ClusterState(NODE, max_problems=3)
+    for i in range(5):
+        s.apply(up(service(ips=(f"bogus-{i}",))))
+    # A stream of bad updates keeps only the newest few, and says how many
+    # there were in all.
+    assert [p.message for p in s.problems] == [f"invalid IP address 'bogus-{i}'" for i in (2, 3, 4)]
+    assert s.problems_total == 5
