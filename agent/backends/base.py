@@ -35,6 +35,8 @@ class SyncResult:
     # sync's per-table breakdown is not known to every backend; empty means
     # "not reported" and the metrics fall back (agent.metrics.written_counts).
     written_counts: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    # Chains (or virtual servers) written per family, e.g. {"IPv4": 12}.
+    chains_per_family: Mapping[str, int] = field(default_factory=dict)
     # Human-readable reason when ok is False (with the failing line, if any).
     error: str = ""
     # A partial sync that failed and was redone as a full one.

@@ -60,15 +60,23 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 
 def summary(backend_name: str, detail: str, result: SyncResult) -> str:
-    counts = ", ".join(
-        f"{fam} {table} {n}" for (table, fam), n in sorted(result.rule_counts.items(), key=str)
-    )
+    """One line: what the sync wrote, per family, and what is now in place."""
     status = "ok" if result.ok else "FAILED"
     if result.fell_back:
         status += " (after a rejected partial sync)"
-    line = (
-        f"{backend_name}{detail}: {result.kind} sync {status}; "
-        f"{result.chains_written} chains and {result.rules_written} rules written"
+    line = f"{backend_name}{detail}: {result.kind} sync {status}"
+    families = sorted(set(result.chains_per_family) | {fam for _, fam in result.written_counts})
+    if families:
+        written = [
+            f"{fam} {result.chains_per_family.get(fam, 0)} chains "
+            f"{sum(n for (_, f), n in result.written_counts.items() if f == fam)} rules"
+            for fam in families
+        ]
+        line += "; written: " + ", ".join(written)
+    else:
+        line += f"; {result.chains_written} chains and {result.rules_written} rules written"
+    counts = ", ".join(
+        f"{fam} {table} {n}" for (table, fam), n in sorted(result.rule_counts.items(), key=str)
     )
     return line + (f"; rules in place: {counts}" if counts else "")
 

@@ -41,6 +41,7 @@ from agent.backends.iptables.restore import (
     Runner,
     subprocess_runner,
     timed_restore,
+    written_per_table,
 )
 from agent.backends.iptables.rules import (
     FILTER,
@@ -262,6 +263,8 @@ class IptablesBackend:
     def _full(self, plan: NodePlan, changed_count: int, *, fell_back: bool = False) -> SyncResult:
         chains = rules = 0
         counts: dict[tuple[str, str], int] = {}
+        written: dict[tuple[str, str], int] = {}
+        per_family: dict[str, int] = {}
         errors: list[str] = []
         for family in self.families:
             ipt = self.ipt(family)
@@ -294,8 +297,12 @@ class IptablesBackend:
                 continue
             self.applied[family] = FamilyState.from_rules(fr)
             sent += text
-            chains += sum(1 for line in sent.splitlines() if line.startswith(":"))
-            rules += sum(1 for line in sent.splitlines() if line.startswith(("-A ", "-I ")))
+            fam_chains, per_table = written_per_table(sent)
+            chains += fam_chains
+            rules += sum(per_table.values())
+            per_family[family_label(family)] = fam_chains
+            for table, n in per_table.items():
+                written[(table, family_label(family))] = n
             for table, n in fr.rule_counts().items():
                 counts[(table, family_label(family))] = n
         self.need_full = bool(errors)
@@ -306,6 +313,8 @@ class IptablesBackend:
             chains_written=chains,
             rules_written=rules,
             rule_counts=counts,
+            written_counts=written,
+            chains_per_family=per_family,
             error="; ".join(errors),
             fell_back=fell_back,
         )
@@ -376,6 +385,13 @@ class IptablesBackend:
             for f in self.families
             for table, n in self.applied[f].rules.items()
         }
+        written: dict[tuple[str, str], int] = {}
+        per_family: dict[str, int] = {}
+        for pp in plans:
+            fam_chains, per_table = written_per_table(pp.text)
+            per_family[family_label(pp.family)] = fam_chains
+            for table in (FILTER, NAT):
+                written[(table, family_label(pp.family))] = per_table.get(table, 0)
         return SyncResult(
             "partial",
             ok=True,
@@ -383,6 +399,8 @@ class IptablesBackend:
             chains_written=sum(pp.chains for pp in plans),
             rules_written=sum(pp.rules for pp in plans),
             rule_counts=counts,
+            written_counts=written,
+            chains_per_family=per_family,
         )
 
     # ------------------------------------------------------------------ persistence

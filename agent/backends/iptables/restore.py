@@ -163,3 +163,23 @@ def timed_restore(ipt: Iptables, text: str, kind: str, log: list[RestoreRecord])
         log.append(RestoreRecord(ipt.family, kind, text, False, time.monotonic() - start))
         raise
     log.append(RestoreRecord(ipt.family, kind, text, True, time.monotonic() - start))
+
+
+def written_per_table(text: str) -> tuple[int, dict[str, int]]:
+    """(chains declared, rules added per table) in an iptables-restore input.
+
+    Feeds kubeproxy_sync_proxy_rules_iptables_last and the `apply` summary:
+    what a sync actually sent, not what is in place.
+    """
+    chains = 0
+    rules: dict[str, int] = {}
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+            rules.setdefault(table, 0)
+        elif line.startswith(":"):
+            chains += 1
+        elif line.startswith(("-A ", "-I ")) and table:
+            rules[table] += 1
+    return chains, rules
