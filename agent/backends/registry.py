@@ -8,7 +8,10 @@ Each entry names a module that provides:
   (agent/backends/base.py) for the one-shot commands;
 * ``from_settings(settings)``: the same for `sliceproxy run` (its
   RunSettings: cluster_cidrs, masquerade_all, nodeport_addresses,
-  iptables_backend, ...).
+  iptables_backend, dry_run, ...);
+* ``cleanup(args)``: for `sliceproxy cleanup`, remove what the backend
+  created on this node and return a one-line summary; raise
+  ``BackendAbsent`` when it cannot be present here (e.g. no IPVS).
 
 Adding a backend is one line here.
 """
@@ -22,6 +25,11 @@ from typing import Any, Protocol
 
 from agent.backends.base import Backend
 from agent.model import NodeInfo
+
+
+class BackendAbsent(Exception):
+    """This node cannot hold the backend's objects: nothing to clean up."""
+
 
 BACKENDS: dict[str, str] = {
     "iptables": "agent.backends.iptables.cli",
@@ -37,6 +45,8 @@ class BackendModule(Protocol):
     ) -> Backend: ...
 
     def from_settings(self, settings: Any) -> Backend: ...
+
+    def cleanup(self, args: argparse.Namespace) -> str: ...
 
 
 def names() -> tuple[str, ...]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,13 @@ from agent.backends.base import SyncResult
 from agent.backends.ipvs import ipset as ipsets
 from agent.backends.ipvs.diff import DEFAULT_MAX_DRAIN, DrainKey, Op, diff
 from agent.backends.ipvs.iptables import IptablesError, IptablesRules
-from agent.backends.ipvs.kernel import DummyLink, IPVSKernel, NoIPVSError, ensure_sysctls
+from agent.backends.ipvs.kernel import (
+    DummyLink,
+    IPVSKernel,
+    NoIPVSError,
+    ensure_sysctls,
+    local_addresses,
+)
 from agent.backends.ipvs.model import DesiredState, VSKey
 from agent.backends.ipvs.render import (
     DUMMY_LINK,
@@ -40,6 +46,12 @@ from agent.model import ServicePortName
 from agent.plan import NodePlan
 
 log = logging.getLogger("sliceproxy.ipvs")
+
+
+def node_local_addresses() -> list[str]:
+    """Every address of this node except kube-ipvs0's: where upstream serves
+    NodePorts when --nodeport-addresses is empty."""
+    return local_addresses(DUMMY_LINK)
 
 
 @dataclass(frozen=True)
@@ -61,8 +73,12 @@ class IPVSBackend:
         clock: Callable[[], float] = time.monotonic,
         kernel_factory: Callable[[], IPVSKernel] = IPVSKernel,
         iptables: IptablesRules | None = None,
+        local_addresses: Callable[[], Sequence[str]] | None = node_local_addresses,
     ) -> None:
         self.iptables = iptables or IptablesRules()
+        # Read at every sync, so an address added to the node later gets its
+        # NodePorts at the next sync; None = the plan's node addresses.
+        self._local_addresses = local_addresses
         self.options = options or IPVSOptions()
         self.max_drain = max_drain
         self.clock = clock
@@ -101,8 +117,8 @@ class IPVSBackend:
         return render_text(render_state(plan, self.options))
 
     def sync(self, plan: NodePlan, changed: Collection[ServicePortName] | None) -> SyncResult:
-        desired = render_state(plan, self.options)
         try:
+            desired = render_state(plan, self.options, self._nodeport_addresses())
             ops, failed = self._sync(desired)
         except NoIPVSError as err:
             # Checked before anything is touched; the caller prints the message.
@@ -120,6 +136,27 @@ class IPVSBackend:
             rule_counts=counts,
             error="; ".join(failed),
         )
+
+    def _nodeport_addresses(self) -> Sequence[str] | None:
+        if self.options.nodeport_addresses is not None or self._local_addresses is None:
+            return None  # --node-ip given, or the caller wants the plan's addresses
+        return self._local_addresses()
+
+    def tick(self) -> None:
+        """The runtime's periodic call (Agent, every ``tick_period``): finish
+        graceful terminations between syncs, as upstream's one-minute loop does.
+        Never raises: a failed check is retried at the next tick or sync."""
+        try:
+            status = self.drain_tick()
+        except (OSError, NetlinkError) as err:
+            log.error("IPVS drain check failed: %s", err)
+            return
+        if status.deleted:
+            log.info(
+                "ipvs: %d drained real server(s) deleted, %d still draining",
+                status.deleted,
+                status.draining,
+            )
 
     def drain_tick(self) -> DrainStatus:
         """Re-check draining real servers (the runtime calls this periodically,

@@ -8,9 +8,10 @@ from typing import Any
 
 from agent.backends.ipvs.apply import IPVSBackend
 from agent.backends.ipvs.diff import DEFAULT_MAX_DRAIN
+from agent.backends.ipvs.kernel import ipvs_available
 from agent.backends.ipvs.model import DEFAULT_SCHEDULER, SchedulerError
 from agent.backends.ipvs.render import IPVSOptions
-from agent.backends.registry import split_list
+from agent.backends.registry import BackendAbsent, split_list
 from agent.config import ConfigError
 from agent.model import NodeInfo
 
@@ -71,7 +72,8 @@ def make_backend(args: argparse.Namespace, node: NodeInfo, families: Sequence[in
 def from_settings(settings: Any) -> IPVSBackend:
     """For `sliceproxy run --proxy-mode ipvs`: checks for IPVS at once, so the
     agent stops at start with NoIPVSError's message (an OSError) when the
-    kernel has none."""
+    kernel has none. Not in dry-run (``settings.dry_run``): that only renders,
+    which needs no IPVS, so a user can preview IPVS mode on any node."""
     opts = _options(
         str(getattr(settings, "ipvs_scheduler", DEFAULT_SCHEDULER) or DEFAULT_SCHEDULER),
         tuple(getattr(settings, "cluster_cidrs", ())),
@@ -82,5 +84,23 @@ def from_settings(settings: Any) -> IPVSBackend:
         None,
     )
     backend = IPVSBackend(opts)
-    backend.check()
+    if not getattr(settings, "dry_run", False):
+        backend.check()
     return backend
+
+
+def cleanup(args: argparse.Namespace) -> str:
+    """`sliceproxy cleanup --backend ipvs`: one summary line.
+
+    Raises BackendAbsent on a kernel without IPVS: IPVS mode cannot have run
+    there, and its iptables chains share names with iptables mode's, so
+    "cleaning" them would only break a working iptables-mode node.
+    """
+    if not ipvs_available():
+        raise BackendAbsent("IPVS is not available in this kernel: nothing to clean")
+    backend = IPVSBackend(local_addresses=None)
+    try:
+        removed = backend.cleanup()
+    finally:
+        backend.close()
+    return f"ipvs: removed {removed} virtual servers, links, ipsets, rules and chains"

@@ -68,16 +68,38 @@ class IptablesRules:
             while self._rule("-D", rule):
                 n += 1
         ipt = self.ipt(family)
-        lines = []
-        for table, chains in (("nat", NAT_CHAINS), ("filter", FILTER_CHAINS)):
-            present = [c for c in chains if ipt.chain_exists(table, c)]
-            if not present:
-                continue
-            lines.append(f"*{table}")
-            lines.extend(f":{c} - [0:0]" for c in present)  # flushes them first
-            lines.extend(f"-X {c}" for c in present)
-            lines.append("COMMIT")
-            n += len(present)
-        if lines:
-            ipt.restore("\n".join(lines) + "\n")
-        return n
+        present = {
+            table: [c for c in chains if ipt.chain_exists(table, c)]
+            for table, chains in (("nat", NAT_CHAINS), ("filter", FILTER_CHAINS))
+        }
+        if not any(present.values()):
+            return n
+        try:
+            ipt.restore(_script(present, delete=True))
+        except IptablesError:
+            # A chain is still referenced by a rule that is not ours to know,
+            # e.g. an iptables-mode proxy's jump to the shared KUBE-MARK-MASQ:
+            # empty them all, delete those that can go, leave the rest to
+            # `cleanup --backend iptables` (which `cleanup` runs next).
+            ipt.restore(_script(present, delete=False))
+            for table, chains in present.items():
+                for chain in chains:
+                    try:
+                        ipt.restore(_script({table: [chain]}, delete=True))
+                    except IptablesError:
+                        n -= 1
+        return n + sum(len(c) for c in present.values())
+
+
+def _script(chains: dict[str, list[str]], *, delete: bool) -> str:
+    """iptables-restore input that flushes (and deletes) the given chains."""
+    lines = []
+    for table, names in chains.items():
+        if not names:
+            continue
+        lines.append(f"*{table}")
+        lines.extend(f":{c} - [0:0]" for c in names)  # flushes them first
+        if delete:
+            lines.extend(f"-X {c}" for c in names)
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n"

@@ -7,6 +7,7 @@ all belong to the namespace the process runs in (tests use `ip netns exec`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -49,12 +50,21 @@ def open_ipvs() -> IPVS:
     Binding the generic netlink family makes the kernel try to load ip_vs
     (it has a family alias), so a loadable module is enough.
     """
+    # pyroute2 0.9.7: an IPVS() whose constructor fails leaves its socket and
+    # asyncio loop open (a ResourceWarning / "Exception ignored" at garbage
+    # collection), and the caller never gets the object to close. Build it in
+    # two steps so a failure can be cleaned up.
+    sock = IPVS.__new__(IPVS)
     try:
-        return IPVS()
+        sock.__init__()  # type: ignore[misc]
     except NetlinkError as err:
+        with contextlib.suppress(Exception):
+            sock.close()
+            sock.asyncore.event_loop.close()
         if err.code in (errno.ENOENT, errno.EOPNOTSUPP):
             raise NoIPVSError(NO_IPVS_MESSAGE) from None
         raise
+    return sock
 
 
 def ipvs_available() -> bool:

@@ -177,10 +177,12 @@ class IPVSOptions:
     # cluster IPs from outside these. Empty = upstream's fallback, which
     # masquerades node-originated traffic whose source is a service IP.
     cluster_cidrs: tuple[str, ...] = ()
-    # Addresses NodePorts are served on; None = the plan's node addresses.
-    # (Upstream uses every local address; the applier may pass those in.)
+    # Addresses NodePorts are served on (--node-ip); None = the local
+    # addresses the applier passes to render_state (upstream: every address
+    # of the node but kube-ipvs0's), else the plan's node addresses.
     nodeport_addresses: tuple[str, ...] | None = None
-    # --nodeport-addresses: serve NodePorts only on addresses in these CIDRs.
+    # --nodeport-addresses: serve NodePorts only on addresses in these CIDRs
+    # ("primary" = the node's first address of each family, as upstream).
     nodeport_cidrs: tuple[str, ...] = ()
     # --iptables-masquerade-bit: the fwmark bit of "masquerade this".
     masquerade_bit: int = 14
@@ -230,7 +232,9 @@ def _norm_net(cidr: str) -> str:
 
 
 class _Builder:
-    def __init__(self, plan: NodePlan, opts: IPVSOptions) -> None:
+    def __init__(
+        self, plan: NodePlan, opts: IPVSOptions, local_addresses: Sequence[str] | None
+    ) -> None:
         self.plan = plan
         self.opts = opts
         self.services: dict[VSKey, DesiredService] = {}
@@ -239,14 +243,29 @@ class _Builder:
         self.bind: set[str] = set()
         self.out_drops: dict[int, list[tuple[str, str, int]]] = {}
         self.notes: list[str] = []
-        addrs = plan.node.addresses if opts.nodeport_addresses is None else opts.nodeport_addresses
-        nets = [ipaddress.ip_network(c, strict=False) for c in opts.nodeport_cidrs]
+        # The node's own addresses (--node-ip, else the Node object's): the
+        # LB source-range check asks whether *the node* is covered.
+        own = plan.node.addresses if opts.nodeport_addresses is None else opts.nodeport_addresses
+        self.own_addresses = tuple(a for a in own if _is_ip(a))
+        addrs = own
+        if opts.nodeport_addresses is None and local_addresses is not None:
+            addrs = tuple(local_addresses)
+        # External/LB IPs that already are addresses of the node need no
+        # binding to kube-ipvs0, whatever --nodeport-addresses says.
+        self.local = frozenset(a for a in addrs if _is_ip(a)) | frozenset(self.own_addresses)
+        nets = [
+            ipaddress.ip_network(c, strict=False) for c in opts.nodeport_cidrs if c != "primary"
+        ]
+        primary: set[str] = set()
+        if "primary" in opts.nodeport_cidrs:
+            for fam in (4, 6):
+                primary.update(next(([a] for a in self.own_addresses if ip_family(a) == fam), []))
+        restricted = bool(nets or primary)
         self.node_addresses = tuple(
             a
-            for a in addrs
-            if _is_ip(a)
-            and not ipaddress.ip_address(a).is_loopback
-            and (not nets or any(ipaddress.ip_address(a) in n for n in nets))
+            for a in dict.fromkeys((*addrs, *sorted(primary)))
+            if _nodeport_capable(a)
+            and (not restricted or a in primary or any(ipaddress.ip_address(a) in n for n in nets))
         )
 
     def add_entry(self, base: str, family: int, entry: str) -> None:
@@ -292,12 +311,10 @@ class _Builder:
         for ip in svc.external_ips_of(fam):
             base = EXTERNAL_IP_LOCAL if svc.external_policy_local else EXTERNAL_IP
             self.add_entry(base, fam, _entry(ip, proto, svc.port))
-            self.add_vs(
-                spp, ip, svc.port, svc.external_policy_local, bind=ip not in self.node_addresses
-            )
+            self.add_vs(spp, ip, svc.port, svc.external_policy_local, bind=ip not in self.local)
 
         ranges = svc.source_ranges_of(fam)
-        node_ip = next((a for a in self.node_addresses if ip_family(a) == fam), None)
+        node_ip = next((a for a in self.own_addresses if ip_family(a) == fam), None)
         for ip in svc.load_balancer_ips_of(fam):
             entry = _entry(ip, proto, svc.port)
             self.add_entry(LOAD_BALANCER, fam, entry)
@@ -321,9 +338,7 @@ class _Builder:
                     # Source ranges do not cover the node: block node -> LB IP
                     # (kubernetes #119656), where source and VIP are both the LB IP.
                     self.out_drops.setdefault(fam, []).append((ip, proto, svc.port))
-            self.add_vs(
-                spp, ip, svc.port, svc.external_policy_local, bind=ip not in self.node_addresses
-            )
+            self.add_vs(spp, ip, svc.port, svc.external_policy_local, bind=ip not in self.local)
 
         if svc.node_port:
             node_ips = [a for a in self.node_addresses if ip_family(a) == fam]
@@ -376,6 +391,15 @@ def _entry_key(entry: str) -> tuple:
     return (1, int(head) if head.isdigit() else 0, entry)
 
 
+def _nodeport_capable(text: str) -> bool:
+    """Upstream's filter on node addresses for NodePorts: no loopback, no
+    IPv6 link-local (a virtual server there would need a zone)."""
+    if not _is_ip(text):
+        return False
+    a = ipaddress.ip_address(text)
+    return not a.is_loopback and not (a.version == 6 and a.is_link_local)
+
+
 def _is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -389,10 +413,20 @@ def _families(plan: NodePlan, node_addresses: Sequence[str]) -> tuple[int, ...]:
     return tuple(sorted(fams))
 
 
-def render_state(plan: NodePlan, opts: IPVSOptions | None = None) -> DesiredState:
-    """The complete desired IPVS-mode state for a plan."""
+def render_state(
+    plan: NodePlan,
+    opts: IPVSOptions | None = None,
+    local_addresses: Sequence[str] | None = None,
+) -> DesiredState:
+    """The complete desired IPVS-mode state for a plan.
+
+    ``local_addresses``: the node's addresses as the kernel lists them (the
+    applier reads them; kube-ipvs0's excluded). NodePorts are served on them
+    unless ``opts.nodeport_addresses`` names the addresses; without either,
+    on the plan's node addresses (what `render` and dry-run show).
+    """
     opts = opts or IPVSOptions()
-    b = _Builder(plan, opts)
+    b = _Builder(plan, opts, local_addresses)
     families = opts.families or _families(plan, b.node_addresses)
     for key in sorted(plan.entries):
         if key[1] in families:
