@@ -169,6 +169,10 @@ class RunSettings:
     proxy_name: str = ""
     verbosity: int = 0
     iptables_backend: str = "auto"
+    masquerade_bit: int = 14
+    ipvs_scheduler: str = "rr"
+    # None: wait for a draining real server's connections however long.
+    ipvs_max_drain: float | None = 900.0
     dry_run: bool = False
 
 
@@ -248,6 +252,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="iptables flavour (default: detect what the node already uses)",
     )
     p.add_argument(
+        "--iptables-masquerade-bit",
+        type=int,
+        default=14,
+        metavar="BIT",
+        help="fwmark bit marking packets to masquerade, 0-31 (default 14: 0x4000)",
+    )
+    p.add_argument(
+        "--ipvs-scheduler",
+        default="rr",
+        metavar="NAME",
+        help="IPVS scheduler with --proxy-mode ipvs: rr (default), wrr, lc, wlc, sh, mh, ...",
+    )
+    p.add_argument(
+        "--ipvs-max-drain",
+        type=_duration_arg,
+        default=900.0,
+        metavar="DURATION",
+        help="delete a weight-0 TCP real server after this long even with open\n"
+        "connections (default 15m; 0 waits for them, as upstream)",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="watch the cluster but change nothing: print each sync as a unified diff\n"
@@ -269,6 +294,8 @@ def settings_from_args(
             "--min-sync-period must not be longer than --sync-period "
             f"({args.min_sync_period}s > {args.sync_period}s)"
         )
+    if not 0 <= args.iptables_masquerade_bit <= 31:
+        raise ConfigError("--iptables-masquerade-bit must be between 0 and 31")
     node = default_hostname(args.hostname_override, env)
     if not node:
         raise ConfigError("cannot tell this node's name: give --hostname-override")
@@ -297,6 +324,9 @@ def settings_from_args(
         proxy_name=args.service_proxy_name,
         verbosity=args.verbosity,
         iptables_backend=args.iptables_backend,
+        masquerade_bit=args.iptables_masquerade_bit,
+        ipvs_scheduler=args.ipvs_scheduler,
+        ipvs_max_drain=args.ipvs_max_drain or None,
         dry_run=args.dry_run,
     )
 

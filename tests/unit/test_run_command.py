@@ -25,6 +25,8 @@ from agent.commands.run import (
     settings_from_args,
 )
 from agent.config import ConfigError
+from agent.model import NodeInfo
+from agent.plan import NodePlan
 from tests.support.agent_fakes import FakeBackend, endpoint, eslice, node, service
 from tests.support.fake_apiserver import FakeApiServer
 
@@ -105,6 +107,9 @@ def test_all_flags_parse() -> None:
         "-v",
         "4",
         "--iptables-backend=nft",
+        "--iptables-masquerade-bit=15",
+        "--ipvs-scheduler=wlc",
+        "--ipvs-max-drain=0",
         "--dry-run",
     )
     assert s.kubeconfig == "/etc/kc" and s.master == "https://10.0.0.1:6443"
@@ -118,6 +123,8 @@ def test_all_flags_parse() -> None:
     assert s.feature_gates["PreferSameTrafficDistribution"] is False
     assert s.proxy_name == "sliceproxy" and s.verbosity == 4
     assert s.iptables_backend == "nft" and s.dry_run
+    assert s.masquerade_bit == 15
+    assert s.ipvs_scheduler == "wlc" and s.ipvs_max_drain is None  # 0: no limit
 
 
 def test_dry_run_keeps_servers_off_unless_asked() -> None:
@@ -161,6 +168,7 @@ def test_bad_flags_exit_2_without_traceback(
         (["--min-sync-period=1m", "--sync-period=30s"], "--min-sync-period must not be longer"),
         (["--sync-period=0"], "--sync-period must be greater than 0"),
         (["--feature-gates=Nope=true"], "unknown feature gate"),
+        (["--iptables-masquerade-bit=32"], "--iptables-masquerade-bit must be between 0 and 31"),
     ],
 )
 def test_bad_values_exit_2_with_a_clear_message(
@@ -276,3 +284,25 @@ def test_sigterm_stops_the_agent_with_status_0_and_no_traceback(
     assert "signal=SIGTERM" in log and 'rules="left in place"' in log
     assert "kind=full ok=true" in log
     assert "+++ rules after sync 1 (full)" in stdout
+
+
+EMPTY_PLAN = NodePlan(NodeInfo("n1"), {})
+
+
+def test_backends_built_from_run_settings_honour_the_flags() -> None:
+    from agent.backends import registry
+
+    s = parse("--hostname-override=n1", "--dry-run", "--iptables-masquerade-bit=15")
+    iptables = registry.create("iptables", s)
+    assert "--or-mark 0x8000" in iptables.render(EMPTY_PLAN)
+    s = parse("--hostname-override=n1", "--dry-run", "--proxy-mode=ipvs", "--ipvs-max-drain=1m")
+    ipvs = registry.create("ipvs", s)
+    assert ipvs.max_drain == 60.0  # type: ignore[attr-defined]
+
+
+def test_unknown_ipvs_scheduler_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.backends import registry
+
+    s = parse("--hostname-override=n1", "--dry-run", "--proxy-mode=ipvs", "--ipvs-scheduler=xx")
+    with pytest.raises(ConfigError, match="xx"):
+        registry.create("ipvs", s)

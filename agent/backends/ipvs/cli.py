@@ -83,7 +83,8 @@ def from_settings(settings: Any) -> IPVSBackend:
         tuple(getattr(settings, "node_ips", ())),
         None,
     )
-    backend = IPVSBackend(opts)
+    max_drain = getattr(settings, "ipvs_max_drain", DEFAULT_MAX_DRAIN)
+    backend = IPVSBackend(opts, max_drain=max_drain or None)
     if not getattr(settings, "dry_run", False):
         backend.check()
     return backend
