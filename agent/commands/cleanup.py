@@ -21,13 +21,11 @@ import sys
 from collections.abc import Callable
 
 from agent.backends import registry
-from agent.backends.iptables.apply import IptablesBackend
-from agent.backends.iptables.options import RenderOptions
-from agent.backends.iptables.restore import BinaryMissing, IptablesError
+from agent.backends.iptables.cli import FAMILY_CHOICES
+from agent.backends.iptables.restore import IptablesError
 
 NAME = "cleanup"
 HELP = "remove every rule, chain and IPVS object sliceproxy created (needs root)"
-FAMILY_CHOICES = {"4": (4,), "6": (6,), "both": (4, 6)}
 
 # IPVS first: iptables mode's cleanup cannot delete a chain IPVS mode still
 # jumps to (KUBE-PROXY-FIREWALL from INPUT, with another rule text), while
@@ -63,27 +61,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _iptables(args: argparse.Namespace) -> str:
-    # Here rather than in agent/backends/iptables/cli.py only because that
-    # folder is being reworked; registry.module("iptables").cleanup, once it
-    # exists, takes precedence (cleaner()).
-    mode = None if args.iptables_backend == "auto" else args.iptables_backend
-    backend = IptablesBackend(RenderOptions(), mode=mode, families=FAMILY_CHOICES[args.family])
-    try:
-        removed = backend.cleanup(kube_proxy=args.kube_proxy)
-    except BinaryMissing as exc:
-        raise registry.BackendAbsent(f"no iptables binaries: {exc}") from None
-    return f"iptables ({backend.mode}): removed {removed} rules and chains"
-
-
-_LOCAL: dict[str, Cleaner] = {"iptables": _iptables}
-
-
 def cleaner(name: str) -> Cleaner:
-    """The backend module's ``cleanup(args)``, else the one kept here."""
-    fn: Cleaner | None = getattr(registry.module(name), "cleanup", None)
-    if fn is None:
-        fn = _LOCAL[name]
+    """The backend module's ``cleanup(args)`` (see agent/backends/registry.py)."""
+    fn: Cleaner = registry.module(name).cleanup
     return fn
 
 

@@ -106,13 +106,12 @@ def test_iptables_flags_reach_the_cleaner(fakes: FakeModules) -> None:
     assert args.family == "6"
 
 
-def test_cleaner_uses_the_module_function_else_the_local_iptables_one() -> None:
+def test_cleaner_is_each_backend_modules_cleanup() -> None:
+    from agent.backends.iptables import cli as iptables_cli
     from agent.backends.ipvs import cli as ipvs_cli
 
     assert cleanup_cmd.cleaner("ipvs") is ipvs_cli.cleanup
-    iptables_mod = registry.module("iptables")
-    expected = getattr(iptables_mod, "cleanup", cleanup_cmd._iptables)
-    assert cleanup_cmd.cleaner("iptables") is expected
+    assert cleanup_cmd.cleaner("iptables") is iptables_cli.cleanup
 
 
 def test_unknown_backend_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

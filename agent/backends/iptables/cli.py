@@ -8,7 +8,8 @@ from typing import Any
 
 from agent.backends.iptables.apply import IptablesBackend
 from agent.backends.iptables.options import RenderOptions
-from agent.backends.registry import split_list
+from agent.backends.iptables.restore import BinaryMissing
+from agent.backends.registry import BackendAbsent, split_list
 from agent.model import NodeInfo
 
 
@@ -73,3 +74,21 @@ def from_settings(settings: Any) -> IptablesBackend:
         node_ips=tuple(getattr(settings, "node_ips", ())),
     )
     return IptablesBackend(options, mode=None if mode == "auto" else mode, probe_random_fully=True)
+
+
+FAMILY_CHOICES = {"4": (4,), "6": (6,), "both": (4, 6)}
+
+
+def cleanup(args: argparse.Namespace) -> str:
+    """`sliceproxy cleanup --backend iptables`: one summary line.
+
+    Raises BackendAbsent when no iptables binary exists: nothing of ours can
+    be in tables nobody can write.
+    """
+    mode = None if args.iptables_backend == "auto" else args.iptables_backend
+    backend = IptablesBackend(RenderOptions(), mode=mode, families=FAMILY_CHOICES[args.family])
+    try:
+        removed = backend.cleanup(kube_proxy=args.kube_proxy)
+    except BinaryMissing as exc:
+        raise BackendAbsent(f"no iptables binaries: {exc}") from None
+    return f"iptables ({backend.mode}): removed {removed} rules and chains"
