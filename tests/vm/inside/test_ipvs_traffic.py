@@ -12,6 +12,7 @@ memory across syncs.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import struct
@@ -269,6 +270,92 @@ def test_foreign_virtual_server_survives_syncs_and_ticks(node):
             if m.get("IPVS_CMD_ATTR_SERVICE").get_attr("IPVS_SVC_ATTR_ADDR") == FOREIGN[0]
         ]
     assert msg.get("IPVS_CMD_ATTR_SERVICE").get_attr("IPVS_SVC_ATTR_SCHED_NAME") == "wrr"
+
+
+APPLY_VIP = "10.96.0.90"
+
+
+def _manifests(path, ready: dict[str, bool]) -> str:
+    """A Node, a Service and its EndpointSlice, as `kubectl get -o json` prints them."""
+    endpoints = [
+        {
+            "addresses": [PODS[p][0]],
+            "nodeName": PODS[p][2],
+            "conditions": {"ready": r, "serving": r, "terminating": not r},
+        }
+        for p, r in ready.items()
+    ]
+    items = [
+        {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": NODE, "labels": {"topology.kubernetes.io/zone": ZONE}},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "applied", "namespace": "default"},
+            "spec": {"clusterIP": APPLY_VIP, "ports": [{"name": "http", "port": 80}]},
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "applied-1",
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": "applied"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": TCP, "protocol": "TCP"}],
+            "endpoints": endpoints,
+        },
+    ]
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    return str(path)
+
+
+def test_apply_command_twice_applies_the_diff_and_drains_what_left(node, tmp_path):
+    """`sliceproxy apply --backend ipvs` (the one-shot sync from manifests),
+    run again with a changed state, applies the diff and drains the real
+    server that left; a later run deletes it once its connection is gone.
+    (It owns everything on kube-ipvs0, so the shared services are gone
+    after this: it runs just before the cleanup test.)"""
+    state_file = str(tmp_path / "apply-ipvs.json")
+    both = _manifests(tmp_path / "both.json", {"pod-a": True, "pod-b": True})
+    only_b = _manifests(tmp_path / "only-b.json", {"pod-a": False, "pod-b": True})
+
+    def apply(path: str) -> dict[str, Any]:
+        argv = ["apply", "--state", path, "--node", NODE, "--backend", "ipvs"]
+        result = node.cli(*argv, "--state-file", state_file, "--strict")
+        assert result["rc"] == 0, result
+        return result
+
+    assert "sync ok" in apply(both)["stdout"]
+    vs_key = f"TCP/{APPLY_VIP}:80"
+    a_ip = f"{PODS['pod-a'][0]}:{TCP}"
+    # rr alternates: a connection to pod-a turns up within a few tries.
+    conn = None
+    for _ in range(6):
+        candidate = client(node).open_persistent(APPLY_VIP, 80)
+        if candidate.request()["pod"] == "pod-a":
+            conn = candidate
+            break
+        candidate.close()
+    assert conn is not None, "no connection reached pod-a"
+    try:
+        assert "sync ok" in apply(only_b)["stdout"]
+        assert node.dump()[vs_key][a_ip][0] == 0  # weight 0: draining
+        assert conn.request()["pod"] == "pod-a"  # the open connection still works
+        fresh = client(node).connect_many(APPLY_VIP, 80, attempts=4)
+        assert set(fresh.pods) == {"pod-b"}, fresh.errors
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        conn.close()
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline and a_ip in node.dump()[vs_key]:
+        time.sleep(2)
+        apply(only_b)  # each run re-checks what drains (state file)
+    assert a_ip not in node.dump()[vs_key]
 
 
 def test_cleanup_command_removes_everything_ours_and_keeps_the_foreign_server(node):
