@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from agent.backends.base import Backend, SyncKind, SyncResult
+from agent.conntrack_apply import ConntrackCleaner
 from agent.health import ProxyHealth
 from agent.healthcheck import ServiceHealthServers
 from agent.logfmt import kv
@@ -115,6 +116,7 @@ class Agent:
         metrics: Metrics | None = None,
         health: ProxyHealth | None = None,
         service_health: ServiceHealthServers | None = None,
+        conntrack: ConntrackCleaner | None = None,
         on_sync: Callable[[SyncReport], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -124,6 +126,9 @@ class Agent:
         self.metrics = metrics
         self.health = health
         self.service_health = service_health
+        # Stale UDP conntrack cleanup after each successful sync; None (dry
+        # run, tests with fake backends) skips it.
+        self.conntrack = conntrack
         self._on_sync = on_sync
         self._clock = clock
         self._wall = wall_clock
@@ -295,6 +300,7 @@ class Agent:
             pending_services, pending_endpoints = self._pending_services, self._pending_endpoints
             self._pending_services, self._pending_endpoints = set(), set()
             triggers, self._trigger_times = self._trigger_times, []
+            old_plan = self._plan
             if full or self._plan is None:
                 plan = build_plan(self.state, prefer_same_node=self.options.prefer_same_node)
             else:
@@ -318,6 +324,8 @@ class Agent:
         except Exception as exc:  # a backend bug must not stop the loop
             log.exception("backend sync raised")
             result = SyncResult(kind=kind, ok=False, error=f"{type(exc).__name__}: {exc}")
+        if result.ok and self.conntrack is not None:
+            self._clean_conntrack(old_plan, plan)
         duration = self._clock() - start
         self._after_sync(plan, result, full, changed, pending_services, pending_endpoints, triggers)
         report = SyncReport(
@@ -332,6 +340,21 @@ class Agent:
         )
         self._record(report, result, plan, triggers)
         return result.ok
+
+    def _clean_conntrack(self, old: NodePlan | None, new: NodePlan) -> None:
+        """Delete stale UDP flows, once the new rules are in place (as
+        upstream's syncProxyRules ends with conntrack.CleanStaleEntries).
+
+        ``old`` is the plan of the previous successful sync (None on the
+        first: every UDP service port is then checked, which also repairs
+        flows left from before a restart). Full and partial syncs alike.
+        Never fails the sync: the rules are right, only some clients lag.
+        """
+        assert self.conntrack is not None
+        try:
+            self.conntrack.cleanup_plans(old, new)
+        except Exception:  # a cleanup bug must not stop the loop
+            log.exception("conntrack cleanup raised")
 
     def _after_sync(
         self,

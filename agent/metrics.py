@@ -194,6 +194,26 @@ class Metrics:
             ["kind", "reason"],
             registry=r,
         )
+        # Stale UDP conntrack cleanup (agent/conntrack_apply.py): upstream's
+        # names (pkg/proxy/metrics, ReconcileConntrackFlowsLatency and
+        # ReconcileConntrackFlowsDeletedEntriesTotal, v1.33).
+        self.conntrack_reconcile_duration = hist(
+            "conntrack_reconciler_sync_duration_seconds",
+            "ReconcileConntrackFlowsLatency latency in seconds",
+        )
+        self.conntrack_deleted = Counter(
+            PREFIX + "conntrack_reconciler_deleted_entries",
+            "Cumulative conntrack flows deleted by conntrack reconciler",
+            ["ip_family"],
+            registry=r,
+        )
+        # Ours: cleanups that could not run (no conntrack binary) or failed.
+        self.conntrack_cleanup_errors = Counter(
+            "sliceproxy_conntrack_cleanup_errors",
+            "Stale UDP conntrack cleanups that could not run or failed, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.healthcheck_listen_failures = Counter(
             "sliceproxy_healthcheck_node_port_listen_failures",
             "healthCheckNodePort servers that could not be opened (e.g. port in use)",

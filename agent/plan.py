@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from agent.model import ZONE_LABEL, NodeInfo, ServicePort, ServicePortName
+from agent.model import ZONE_LABEL, Endpoint, NodeInfo, ServicePort, ServicePortName
 from agent.state import ClusterState, ResolvedPort, Skipped
 from agent.topology import Decision, categorize
 
@@ -22,6 +22,10 @@ class ServicePortPlan:
     service: ServicePort
     family: int
     decision: Decision
+    # Every serving endpoint of this family, whatever the decision chose:
+    # the stale-UDP-conntrack cleanup keeps flows to any of them, as
+    # upstream does (agent/conntrack.py). Empty in hand-built plans.
+    serving: tuple[Endpoint, ...] = ()
 
     @property
     def name(self) -> ServicePortName:
@@ -62,7 +66,8 @@ def plan_port(
     for family in resolved.service.families:
         endpoints = [e for e in resolved.endpoints if e.family == family]
         decision = categorize(resolved.service, endpoints, node, prefer_same_node=prefer_same_node)
-        out.append(ServicePortPlan(resolved.service, family, decision))
+        serving = tuple(e for e in endpoints if e.serving)
+        out.append(ServicePortPlan(resolved.service, family, decision, serving))
     return out
 
 

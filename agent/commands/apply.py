@@ -4,6 +4,15 @@ Run it again with changed manifests and it does the partial sync the agent
 would: the last applied rules are kept in a small state file, and only what
 differs is sent. A state file that does not match (other options, other
 iptables flavour, tables flushed since) leads to a full sync.
+
+After a successful sync, stale UDP conntrack flows are deleted as the agent
+does (agent/conntrack.py; ``--conntrack-cleanup=false`` turns it off). The
+state file also keeps the UDP service ports of the last run, so only those
+that changed are checked. Without it (first run, ``--full``, unreadable
+file) every UDP service port is checked instead of none: the check lists the
+kernel's flows, so it needs no history to be right, only to be cheap.
+Cleanup problems (no ``conntrack`` binary) are reported on stderr and never
+change the exit status.
 """
 
 from __future__ import annotations
@@ -19,7 +28,9 @@ from typing import Any
 from agent.backends import registry
 from agent.backends.base import SyncResult
 from agent.commands.backend_args import add_backend_args, families
-from agent.commands.common import add_state_args, load_state
+from agent.commands.common import add_conntrack_cleanup_arg, add_state_args, load_state
+from agent.conntrack import frontends_from_json, frontends_to_json, udp_frontends
+from agent.conntrack_apply import ConntrackCleaner
 from agent.model import ServicePortName
 
 NAME = "apply"
@@ -38,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"where the last applied rules are kept (default {STATE_DIR}/apply-BACKEND.json)",
     )
     p.add_argument("--full", action="store_true", help="force a full sync")
+    add_conntrack_cleanup_arg(p)
     p.set_defaults(func=run)
 
 
@@ -102,10 +114,27 @@ def run(args: argparse.Namespace) -> int:
     result = backend.sync(plan, changed)
     mode = getattr(backend, "_mode", None)
     print(summary(backend.name, f" ({mode})" if mode else "", result))
+    cleaned = False
+    if result.ok and getattr(args, "conntrack_cleanup", True):
+        old = frontends_from_json(previous.get("conntrack")) if previous is not None else None
+        report = ConntrackCleaner().cleanup(old, udp_frontends(plan))
+        cleaned = report.ok
+        if report.deletions:
+            print(
+                f"conntrack: {report.total_deleted} stale UDP flows deleted "
+                f"({len(report.deletions)} filters)"
+            )
+        for error in report.errors:
+            print(f"sliceproxy: conntrack cleanup: {error}", file=sys.stderr)
     export = getattr(backend, "export_state", None)
     if result.ok and export is not None:
         try:
-            _write(path, export())
+            state = export()
+            if cleaned:
+                # Only after a cleanup that ran: a skipped or failed one
+                # leaves no record, so the next run checks every UDP port.
+                state["conntrack"] = frontends_to_json(udp_frontends(plan))
+            _write(path, state)
         except OSError as exc:
             print(f"sliceproxy: cannot write state file {path}: {exc}", file=sys.stderr)
     elif not result.ok:

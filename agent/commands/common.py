@@ -72,3 +72,28 @@ def load_state(args: argparse.Namespace) -> LoadedState:
 
 
 __all__ = ["EXIT_USAGE", "ConfigError", "LoadedState", "add_state_args", "load_state"]
+
+
+def _bool_arg(text: str) -> bool:
+    """Go's strconv.ParseBool, as kube-proxy's boolean flags take it."""
+    value = text.strip().lower()
+    if value in ("1", "t", "true", "yes", "on"):
+        return True
+    if value in ("0", "f", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {text!r} (true or false)")
+
+
+def add_conntrack_cleanup_arg(parser: argparse.ArgumentParser) -> None:
+    """``--conntrack-cleanup[=BOOL]`` (default true), shared by run and apply."""
+    parser.add_argument(
+        "--conntrack-cleanup",
+        type=_bool_arg,
+        nargs="?",
+        const=True,
+        default=True,
+        metavar="BOOL",
+        help="after each successful sync, delete UDP conntrack flows to a service whose "
+        "reply source is no longer a serving endpoint, as kube-proxy does (default true; "
+        "needs the conntrack binary)",
+    )

@@ -29,7 +29,9 @@ from typing import Any, Protocol, TextIO
 from agent import logfmt
 from agent.agent import Agent, AgentOptions
 from agent.backends.base import Backend, SyncResult
+from agent.commands.common import add_conntrack_cleanup_arg
 from agent.config import ConfigError, parse_feature_gates
+from agent.conntrack_apply import ConntrackCleaner
 from agent.health import ProxyHealth, serve_health
 from agent.healthcheck import ServiceHealthServers
 from agent.httpserver import ServerThread, split_host_port
@@ -174,6 +176,7 @@ class RunSettings:
     # None: wait for a draining real server's connections however long.
     ipvs_max_drain: float | None = 900.0
     dry_run: bool = False
+    conntrack_cleanup: bool = True
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -272,6 +275,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="delete a weight-0 TCP real server after this long even with open\n"
         "connections (default 15m; 0 waits for them, as upstream)",
     )
+    add_conntrack_cleanup_arg(p)
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -328,6 +332,7 @@ def settings_from_args(
         ipvs_scheduler=args.ipvs_scheduler,
         ipvs_max_drain=args.ipvs_max_drain or None,
         dry_run=args.dry_run,
+        conntrack_cleanup=getattr(args, "conntrack_cleanup", True),
     )
 
 
@@ -471,6 +476,10 @@ class Deps:
     backend: BackendFactory | None = None
     out: TextIO | None = None
     on_started: Callable[[Running], None] | None = None
+    # The stale-UDP-conntrack cleaner. None: the real one (``conntrack`` on
+    # this host) with a registry backend, none with an injected backend, so
+    # tests with fake backends never touch the host's conntrack table.
+    conntrack: Callable[[Metrics], ConntrackCleaner | None] | None = None
 
 
 # --------------------------------------------------------------------------
@@ -503,6 +512,21 @@ def _nodeport_bind_addresses(settings: RunSettings, agent: Agent) -> Callable[[]
         return chosen or ("0.0.0.0",)
 
     return addresses
+
+
+def _conntrack_cleaner(
+    settings: RunSettings, deps: Deps, metrics: Metrics
+) -> ConntrackCleaner | None:
+    """Dry run changes nothing, so it deletes no flows either and prints
+    nothing about them (the deletions depend on the live conntrack table,
+    not on the rules being diffed)."""
+    if settings.dry_run or not settings.conntrack_cleanup:
+        return None
+    if deps.conntrack is not None:
+        return deps.conntrack(metrics)
+    if deps.backend is not None:
+        return None
+    return ConntrackCleaner(metrics=metrics)
 
 
 def serve(settings: RunSettings, stop: threading.Event, deps: Deps | None = None) -> int:
@@ -546,6 +570,7 @@ def serve(settings: RunSettings, stop: threading.Event, deps: Deps | None = None
             backend,
             metrics=metrics,
             health=health,
+            conntrack=_conntrack_cleaner(settings, deps, metrics),
         )
         if not settings.dry_run:
             service_health = ServiceHealthServers(

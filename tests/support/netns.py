@@ -282,6 +282,60 @@ class PersistentConnection:
 def open_persistent(
     ns: Namespace, ip: str, port: int, *, timeout: float = 5.0
 ) -> PersistentConnection:
+    sock = _socket_from(ns, ip, port, timeout=timeout)
+    return PersistentConnection(sock, ip, port)
+
+
+def open_udp(ns: Namespace, ip: str, port: int, *, source_port: int = 0) -> UdpClient:
+    """A connected UDP socket created inside ``ns`` (fixed source port if given)."""
+    return UdpClient(_socket_from(ns, ip, port, timeout=5.0, proto="udp", source_port=source_port))
+
+
+class UdpClient:
+    """One UDP socket that keeps its source port: a long-lived UDP "flow"
+    (a DNS resolver's socket), which conntrack pins to its first NAT decision."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return host, port
+
+    def exchange(self, timeout: float = 1.0) -> str:
+        """Send one datagram; the answering pod's name, else "refused"/"timeout"/..."""
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.send(b"ping")
+            reply: dict[str, Any] = json.loads(self.sock.recv(65536))
+        except OSError as exc:
+            if isinstance(exc, TimeoutError | socket.timeout):
+                return "timeout"
+            if isinstance(exc, ConnectionRefusedError):
+                return "refused"
+            return f"error:{exc.errno}"
+        return str(reply["pod"])
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> UdpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _socket_from(
+    ns: Namespace,
+    ip: str,
+    port: int,
+    *,
+    timeout: float,
+    proto: str = "tcp",
+    source_port: int = 0,
+) -> socket.socket:
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with parent, child:
         argv = ns.exec_argv(
@@ -298,6 +352,10 @@ def open_persistent(
                 str(port),
                 "--timeout",
                 str(timeout),
+                "--proto",
+                proto,
+                "--source-port",
+                str(source_port),
             ]
         )
         proc = subprocess.Popen(
@@ -316,9 +374,8 @@ def open_persistent(
             _, stderr = proc.communicate(timeout=timeout + 10.0)
     if not fds:
         status = json.loads(msg) if msg else {"error": "other", "detail": stderr}
-        raise ConnectionError(f"open_persistent to {ip}:{port} failed: {status}")
-    sock = socket.socket(fileno=fds[0])
-    return PersistentConnection(sock, ip, port)
+        raise ConnectionError(f"opening a {proto} socket to {ip}:{port} failed: {status}")
+    return socket.socket(fileno=fds[0])
 
 
 # ---------------------------------------------------------------- namespaces
@@ -444,6 +501,9 @@ class Namespace:
 
     def open_persistent(self, ip: str, port: int, **kw: Any) -> PersistentConnection:
         return open_persistent(self, ip, port, **kw)
+
+    def open_udp(self, ip: str, port: int, **kw: Any) -> UdpClient:
+        return open_udp(self, ip, port, **kw)
 
 
 class PodServer:

@@ -16,8 +16,8 @@ Three modes share one entry point:
 ``probe JSON``
     Make N connections (or datagram exchanges), each from a fresh socket, and
     print one JSON document with the outcome of every attempt.
-``connect --fd N ...``
-    Open one TCP connection and hand the connected socket to the parent over
+``connect --fd N ... [--proto udp --source-port P]``
+    Open one TCP connection (or one connected UDP socket) and hand it to the parent over
     the inherited Unix socket N (SCM_RIGHTS). A socket keeps the network
     namespace it was created in, so the parent test process can then talk over
     it directly for as long as it likes (long-lived connections).
@@ -274,11 +274,19 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     return {"results": results}
 
 
-def connect_and_send(fd: int, ip: str, port: int, timeout: float) -> int:
+def connect_and_send(
+    fd: int, ip: str, port: int, timeout: float, proto: str = "tcp", source_port: int = 0
+) -> int:
     channel = socket.socket(fileno=fd)
-    sock = socket.socket(_family(ip), socket.SOCK_STREAM)
+    kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
+    sock = socket.socket(_family(ip), kind)
     sock.settimeout(timeout)
     try:
+        if source_port:
+            sock.bind(("", source_port))
+        # UDP: connect() only fixes the peer (and the source port), so that
+        # every datagram of the socket is one conntrack flow and ICMP errors
+        # come back as ECONNREFUSED.
         sock.connect((ip, port))
     except Exception as exc:
         status = {"ok": False, "error": classify(exc), "detail": repr(exc)}
@@ -303,8 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--ip", required=True)
         parser.add_argument("--port", type=int, required=True)
         parser.add_argument("--timeout", type=float, default=5.0)
+        parser.add_argument("--proto", choices=("tcp", "udp"), default="tcp")
+        parser.add_argument("--source-port", type=int, default=0)
         args = parser.parse_args(argv[1:])
-        return connect_and_send(args.fd, args.ip, args.port, args.timeout)
+        return connect_and_send(
+            args.fd, args.ip, args.port, args.timeout, args.proto, args.source_port
+        )
     parser = argparse.ArgumentParser(prog="podserver")
     parser.add_argument("--name", required=True, help="pod name put in every reply")
     parser.add_argument("--tcp", type=int, action="append", default=[], help="HTTP port")
