@@ -26,19 +26,16 @@ from pathlib import Path
 
 import pytest
 
-from agent.agent import Agent, AgentOptions
 from agent.backends.iptables import chains
 from agent.backends.iptables.apply import IptablesBackend
 from agent.backends.iptables.options import RenderOptions
 from agent.backends.iptables.render import FAMILIES
 from agent.backends.iptables.restore import Mode, binary, subprocess_runner
-from agent.sources.kube import KubeSource, make_api_client
-from tests.support.agent_fakes import NODE
-from tests.support.convergence import World, expected_plan, random_op
+from tests.support.convergence import World, expected_plan, faulty_writes, random_op, running_agent
 from tests.support.fake_apiserver import FakeApiServer
 from tests.support.fake_iptables import normalise
 from tests.support.netns import delete_namespace, run
-from tests.support.runtime import FAST, wait_for
+from tests.support.runtime import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -112,43 +109,21 @@ def test_kernel_rules_converge_to_a_fresh_full_sync(
     world: World = {}
     node_ns = make_netns()
     backend = backend_in(node_ns, mode)
-    kinds: list[str] = []
     with FakeApiServer(bookmark_interval=0.2) as api:
         for _ in range(20):  # a restarting agent: state exists already
             random_op(rng, api, world)
-        agent = Agent(
-            AgentOptions(node_name=NODE, min_sync_period=0.02, sync_period=0.5),
-            backend,
-            on_sync=lambda report: kinds.append(report.kind),
-        )
-        client = make_api_client(kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")))
-        source = KubeSource(
-            client,
-            agent.handle,
-            node_name=NODE,
-            options=FAST,
-            on_synced=agent.source_synced,
-            rng=random.Random(seed),
-        )
-        agent.start()
-        source.start()
-        try:
+        with running_agent(api, backend, seed, tmp_path, stop_timeout=10.0) as run:
+            agent, kinds = run.agent, run.kinds
             assert wait_for(lambda: agent.plan is not None, 20.0), "no first sync"
-            for i in range(150):
-                random_op(rng, api, world)
-                if i % 25 == 10:
-                    api.drop_watches()
-                elif i % 25 == 17:
-                    api.compact()
-                    api.drop_watches()  # the resume now hits 410 and relists
-                elif i == 120:
-                    api.restart(compact=True)
-                if i == 60:
-                    flush_nat(node_ns, mode)
-                if i % 10 == 0:
-                    # Real restores take milliseconds: let syncs interleave
-                    # with the writes instead of coalescing them all.
-                    time.sleep(0.05)
+            # Real restores take milliseconds: pause longer so syncs
+            # interleave with the writes instead of coalescing them all.
+            faulty_writes(
+                rng,
+                api,
+                world,
+                pause=0.05,
+                extra=lambda i: flush_nat(node_ns, mode) if i == 60 else None,
+            )
             want_plan = expected_plan(world)
 
             def done() -> bool:
@@ -160,10 +135,6 @@ def test_kernel_rules_converge_to_a_fresh_full_sync(
                 )
 
             assert wait_for(done, 20.0), "the agent's plan differs from the server's final state"
-        finally:
-            source.stop(timeout=5.0)
-            agent.stop(timeout=10.0)
-            client.close()
     got = tables(node_ns, mode)
 
     fresh_ns = make_netns()

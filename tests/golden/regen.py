@@ -10,16 +10,15 @@ rules are meant to change.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from agent.backends.iptables.options import RenderOptions
 from agent.backends.iptables.render import render
 from agent.plan import NodePlan, build_plan
 from agent.sources.files import load
 from agent.state import ClusterState
+from tests.golden import ROOT, write_golden
 from tests.golden.iptables_cases import CASES
 
-ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests/golden/iptables"
 EXAMPLE = ROOT / "examples/cluster.yaml"
 EXAMPLE_NODE = "worker-a"
@@ -49,17 +48,7 @@ def expected() -> dict[str, str]:
 
 
 def main() -> int:
-    GOLDEN.mkdir(parents=True, exist_ok=True)
-    wanted = expected()
-    for stale in GOLDEN.glob("*.rules"):
-        if stale.name not in wanted:
-            stale.unlink()
-            print(f"removed {stale.relative_to(ROOT)}")
-    for name, text in wanted.items():
-        path = GOLDEN / name
-        if not path.exists() or path.read_text() != text:
-            path.write_text(text)
-            print(f"wrote {path.relative_to(ROOT)}")
+    write_golden(GOLDEN, ".rules", expected())
     from tests.golden import regen_ipvs  # the IPVS backend's golden files
 
     return regen_ipvs.main()

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from agent.backends.iptables.options import RenderOptions
 from agent.backends.ipvs.render import IPVSOptions, render
 from agent.model import Endpoint
 from agent.plan import NodePlan
+from tests.golden import ROOT, write_golden
 from tests.golden import iptables_cases as cases
 from tests.golden.iptables_cases import NODE, THREE, endpoint, plan, service
 
-ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests/golden/ipvs"
 EXAMPLE_CIDRS = ("10.244.0.0/16", "fd00:10:244::/48")
 
@@ -129,18 +128,7 @@ def expected() -> dict[str, str]:
 
 
 def main() -> int:
-    GOLDEN.mkdir(parents=True, exist_ok=True)
-    wanted = expected()
-    for stale in GOLDEN.glob("*.txt"):
-        if stale.name not in wanted:
-            stale.unlink()
-            print(f"removed {stale.relative_to(ROOT)}")
-    for name, text in wanted.items():
-        path = GOLDEN / name
-        if not path.exists() or path.read_text() != text:
-            path.write_text(text)
-            print(f"wrote {path.relative_to(ROOT)}")
-    return 0
+    return write_golden(GOLDEN, ".txt", expected())
 
 
 if __name__ == "__main__":

@@ -10,13 +10,22 @@ it in ``world`` (the objects the server holds, by kind/namespace/name);
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from agent.agent import Agent, AgentOptions
+from agent.backends.base import Backend
 from agent.plan import NodePlan, build_plan
 from agent.sources.events import ObjectEvent
+from agent.sources.kube import KubeSource, make_api_client
 from agent.state import ClusterState
 from tests.support.agent_fakes import NODE, endpoint, eslice, node, service
 from tests.support.fake_apiserver import FakeApiServer
+from tests.support.runtime import FAST
 
 Key = tuple[str, str, str]  # kind, namespace, name
 World = dict[Key, dict[str, Any]]
@@ -66,3 +75,68 @@ def expected_plan(world: World) -> NodePlan:
     for (kind, _, _), obj in sorted(world.items()):
         state.apply(ObjectEvent("upsert", kind, obj, "expected"))
     return build_plan(state)
+
+
+@dataclass
+class Running:
+    """An Agent fed by real reflectors from a fake API server."""
+
+    agent: Agent
+    source: KubeSource
+    kinds: list[str] = field(default_factory=list)  # "full"/"partial", per sync
+
+
+@contextmanager
+def running_agent(
+    api: FakeApiServer, backend: Backend, seed: int, tmp_path: Path, stop_timeout: float = 5.0
+) -> Iterator[Running]:
+    """Start an Agent (fast runner timings) with a KubeSource on ``api``;
+    stop both, and close the client, when the block ends."""
+    kinds: list[str] = []
+    agent = Agent(
+        AgentOptions(node_name=NODE, min_sync_period=0.02, sync_period=0.5),
+        backend,
+        on_sync=lambda report: kinds.append(report.kind),
+    )
+    client = make_api_client(kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")))
+    source = KubeSource(
+        client,
+        agent.handle,
+        node_name=NODE,
+        options=FAST,
+        on_synced=agent.source_synced,
+        rng=random.Random(seed),
+    )
+    agent.start()
+    source.start()
+    try:
+        yield Running(agent, source, kinds)
+    finally:
+        source.stop(timeout=5.0)
+        agent.stop(timeout=stop_timeout)
+        client.close()
+
+
+def faulty_writes(
+    rng: random.Random,
+    api: FakeApiServer,
+    world: World,
+    *,
+    pause: float,
+    extra: Callable[[int], None] = lambda _i: None,
+) -> None:
+    """150 random writes with the faults the reflector must survive:
+    dropped watches, compaction while disconnected (deletions happen
+    unseen: the resume hits 410 and relists), a server restart."""
+    for i in range(150):
+        random_op(rng, api, world)
+        if i % 25 == 10:
+            api.drop_watches()
+        elif i % 25 == 17:
+            api.compact()
+            api.drop_watches()
+        elif i == 120:
+            api.restart(compact=True)
+        extra(i)
+        if i % 10 == 0:
+            time.sleep(pause)  # let watches and syncs interleave with the writes

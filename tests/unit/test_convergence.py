@@ -7,18 +7,15 @@ state. Seeded, loopback only."""
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.agent import Agent, AgentOptions
-from agent.sources.kube import KubeSource, make_api_client
-from tests.support.agent_fakes import NODE, FakeBackend
-from tests.support.convergence import Key, expected_plan, random_op
+from tests.support.agent_fakes import FakeBackend
+from tests.support.convergence import Key, expected_plan, faulty_writes, random_op, running_agent
 from tests.support.fake_apiserver import FakeApiServer
-from tests.support.runtime import FAST, wait_for
+from tests.support.runtime import wait_for
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -30,35 +27,9 @@ def test_agent_converges_to_the_server_state_under_faults(seed: int, tmp_path: P
         # Some state exists before the agent starts (a restarting agent).
         for _ in range(20):
             random_op(rng, api, world)
-        kinds: list[str] = []
-        agent = Agent(
-            AgentOptions(node_name=NODE, min_sync_period=0.02, sync_period=0.5),
-            backend,
-            on_sync=lambda report: kinds.append(report.kind),
-        )
-        client = make_api_client(kubeconfig=str(api.kubeconfig(tmp_path / "kubeconfig")))
-        source = KubeSource(
-            client,
-            agent.handle,
-            node_name=NODE,
-            options=FAST,
-            on_synced=agent.source_synced,
-            rng=random.Random(seed),
-        )
-        agent.start()
-        source.start()
-        try:
-            for i in range(150):
-                random_op(rng, api, world)
-                if i % 25 == 10:
-                    api.drop_watches()
-                elif i % 25 == 17:
-                    api.compact()
-                    api.drop_watches()  # the resume now hits 410 and relists
-                elif i == 120:
-                    api.restart(compact=True)
-                if i % 10 == 0:
-                    time.sleep(0.01)  # let watches and syncs interleave with writes
+        with running_agent(api, backend, seed, tmp_path) as run:
+            agent, kinds = run.agent, run.kinds
+            faulty_writes(rng, api, world, pause=0.01)
             want_plan = expected_plan(world)
             want = backend.render(want_plan)
             assert ":8080" in want  # the final world has endpoints to program
@@ -83,9 +54,5 @@ def test_agent_converges_to_the_server_state_under_faults(seed: int, tmp_path: P
             assert plan is not None
             assert plan.entries == want_plan.entries
             assert plan.node == want_plan.node
-        finally:
-            source.stop(timeout=5.0)
-            agent.stop(timeout=5.0)
-            client.close()
     assert kinds[0] == "full"
     assert "partial" in kinds  # the run exercised partial syncs, not only full ones
