@@ -49,6 +49,7 @@ deps: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 unit: venv
 	$(BIN)/pytest -q tests/unit

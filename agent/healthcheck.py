@@ -104,12 +104,12 @@ class ServiceHealthServers:
                 server.close()
         for key in missing:
             port = targets[key].port
-            servers = self._listen(key, port)
-            if servers is None:
+            opened = self._listen(key, port)
+            if opened is None:
                 continue  # retried on the next sync, as upstream does
             log.info("healthcheck_opened %s", kv(service=f"{key[0]}/{key[1]}", port=port))
             with self._lock:
-                self._servers[key] = (port, servers)
+                self._servers[key] = (port, opened)
 
     def _listen(self, key: ServiceKey, port: int) -> list[ServerThread] | None:
         servers: list[ServerThread] = []

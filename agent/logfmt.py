@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from datetime import UTC, datetime
+from typing import TextIO
 
 _BARE = re.compile(r"^[^\s\"=\\]+$")
 _EVENT = re.compile(r'^[\w.:/-]+(?: [A-Za-z_][\w.]*=(?:"(?:[^"\\]|\\.)*"|[^\s"]*))*$')
@@ -56,9 +57,9 @@ def verbosity_level(v: int) -> int:
     return logging.DEBUG if v >= 4 else logging.INFO
 
 
-def setup(v: int = 0, stream: object = None) -> None:
+def setup(v: int = 0, stream: TextIO | None = None) -> None:
     """Route every logger to one logfmt handler on stderr."""
-    handler = logging.StreamHandler(stream)  # type: ignore[arg-type]
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(LogfmtFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

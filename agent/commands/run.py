@@ -28,7 +28,7 @@ from typing import Any, Protocol, TextIO
 
 from agent import logfmt
 from agent.agent import Agent, AgentOptions
-from agent.backends.base import Backend, SyncResult
+from agent.backends.base import Backend, SyncKind, SyncResult
 from agent.commands.common import add_conntrack_cleanup_arg
 from agent.config import ConfigError, parse_feature_gates
 from agent.conntrack_apply import ConntrackCleaner
@@ -418,7 +418,7 @@ class DryRunBackend:
 
     def sync(self, plan: NodePlan, changed: Collection[ServicePortName] | None) -> SyncResult:
         text = self.render(plan)
-        kind = "full" if changed is None else "partial"
+        kind: SyncKind = "full" if changed is None else "partial"
         with self._lock:
             self._count += 1
             before = self._previous

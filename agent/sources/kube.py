@@ -232,7 +232,9 @@ def _use_service_account(cfg: k8s_client.Configuration, sa_dir: Path) -> None:
             seen[:] = [stamp]
 
     refresh(cfg)
-    cfg.refresh_api_key_hook = refresh
+    # The client types the hook attribute as None (its default); setattr
+    # keeps the assignment honest for type checkers.
+    setattr(cfg, "refresh_api_key_hook", refresh)  # noqa: B010
 
 
 # --------------------------------------------------------------------------

@@ -374,10 +374,10 @@ class IptablesBackend:
                     exc,
                 )
                 self.need_full = True
-                result = self._full(plan, len(changed), fell_back=True)
-                if not result.ok:
-                    return result
-                return _with_error(result, f"partial sync rejected: {exc}")
+                full = self._full(plan, len(changed), fell_back=True)
+                if not full.ok:
+                    return full
+                return _with_error(full, f"partial sync rejected: {exc}")
             self.applied[pp.family].apply(pp.changes)
 
         counts = {

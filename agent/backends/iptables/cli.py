@@ -8,7 +8,7 @@ from typing import Any
 
 from agent.backends.iptables.apply import IptablesBackend
 from agent.backends.iptables.options import RenderOptions
-from agent.backends.iptables.restore import BinaryMissing
+from agent.backends.iptables.restore import BinaryMissing, Mode
 from agent.backends.registry import BackendAbsent, split_list
 from agent.model import NodeInfo
 
@@ -73,7 +73,16 @@ def from_settings(settings: Any) -> IptablesBackend:
         nodeport_addresses=tuple(getattr(settings, "nodeport_addresses", ())),
         node_ips=tuple(getattr(settings, "node_ips", ())),
     )
-    return IptablesBackend(options, mode=None if mode == "auto" else mode, probe_random_fully=True)
+    return IptablesBackend(options, mode=_mode(mode), probe_random_fully=True)
+
+
+def _mode(flag: str) -> Mode | None:
+    """--iptables-backend: None for "auto" (detect), else the flavour."""
+    if flag == "legacy":
+        return "legacy"
+    if flag == "nft":
+        return "nft"
+    return None
 
 
 FAMILY_CHOICES = {"4": (4,), "6": (6,), "both": (4, 6)}

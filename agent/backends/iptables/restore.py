@@ -12,7 +12,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableSequence, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -154,7 +154,7 @@ class Iptables:
         return v is not None and v >= (1, 6, 2)
 
 
-def timed_restore(ipt: Iptables, text: str, kind: str, log: list[RestoreRecord]) -> None:
+def timed_restore(ipt: Iptables, text: str, kind: str, log: MutableSequence[RestoreRecord]) -> None:
     """restore() that records what was sent (tests assert on it) and how long it took."""
     start = time.monotonic()
     try:
