@@ -1,5 +1,9 @@
 """The model: frozen, validated, backend-neutral facts about services,
 endpoints and this node. Built only by agent/state.py from raw API objects.
+
+The classes use ``slots=True``: a 100k-endpoint cluster holds hundreds of
+thousands of these, and slots make each one smaller and cheaper to build
+(bench/plan_scale.py).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ def normalize_ip(ip: str) -> str:
     return str(ipaddress.ip_address(ip))
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class ServicePortName:
     """kube-proxy's ServicePortName: ``namespace/name:port`` plus protocol."""
 
@@ -49,7 +53,7 @@ class ServicePortName:
         return f"{self.service}:{self.port}" if self.port else self.service
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePort:
     """One port of one Service, with everything the rules depend on."""
 
@@ -117,7 +121,7 @@ class ServicePort:
         return self.internal_policy_local or self.external_policy_local
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Endpoint:
     """One endpoint of one service port, as kube-proxy's BaseEndpointInfo."""
 
@@ -148,7 +152,7 @@ class Endpoint:
         return self.key
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NodeInfo:
     """This node, as far as service proxying cares."""
 
