@@ -1,45 +1,28 @@
 """`sliceproxy run`: the node agent, with kube-proxy's flag names.
 
-Wiring: the API source (three list/watch reflectors) calls ``agent.handle``
-for every object event and ``agent.source_synced`` once per resource after
-its first list; the agent feeds ClusterState, accumulates the changed
-service ports, and its runner thread syncs the backend. /metrics, /healthz,
-/livez and the healthCheckNodePort servers run beside it. SIGTERM/SIGINT
-stop the watches and the loop and exit 0, leaving the rules in place (as
-kube-proxy does: a restarting proxy must not black-hole Service traffic).
+This module turns flags into RunSettings and signals into a stop; the agent
+itself (wiring, servers, shutdown) is agent/serve.py. SIGTERM/SIGINT stop
+the watches and the loop and exit 0, leaving the rules in place.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
-import importlib
 import ipaddress
 import logging
 import os
-import re
 import signal
 import socket
-import sys
 import threading
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TextIO
+from collections.abc import Mapping
 
 from agent import logfmt
-from agent.agent import Agent, AgentOptions
-from agent.backends.base import Backend, SyncKind, SyncResult
 from agent.commands.common import add_conntrack_cleanup_arg
 from agent.config import ConfigError, parse_feature_gates
-from agent.conntrack_apply import ConntrackCleaner
-from agent.health import ProxyHealth, serve_health
-from agent.healthcheck import ServiceHealthServers
-from agent.httpserver import ServerThread, split_host_port
+from agent.durations import parse_duration
+from agent.httpserver import split_host_port
 from agent.logfmt import kv
-from agent.metrics import Metrics
-from agent.model import ServicePortName
-from agent.plan import NodePlan
-from agent.sources.events import ObjectEvent
+from agent.serve import RunSettings, serve
 
 NAME = "run"
 HELP = "run the node proxy: watch the API server and program this node's rules"
@@ -60,50 +43,8 @@ service account. See docs/running.md.
 """
 
 # --------------------------------------------------------------------------
-# durations
+# flag values
 # --------------------------------------------------------------------------
-
-_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "\u00b5s": 1e-6,  # micro sign
-    "\u03bcs": 1e-6,  # greek mu
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([a-zµμ]+)")
-
-
-def parse_duration(text: str) -> float:
-    """Go's time.ParseDuration (``1s``, ``500ms``, ``1m30s``, ``1.5h``) -> seconds.
-
-    Like Go, a bare number is refused (except ``0``): ``--sync-period=30``
-    would otherwise silently mean 30 s to one reader and 30 ns to another.
-    """
-    s = text.strip()
-    if s in ("0", "+0", "-0"):
-        return 0.0
-    sign = 1.0
-    if s[:1] in "+-" and s:
-        sign = -1.0 if s[0] == "-" else 1.0
-        s = s[1:]
-    if not s:
-        raise ValueError(f"invalid duration {text!r}")
-    pos, total = 0, 0.0
-    while pos < len(s):
-        m = _PART.match(s, pos)
-        if m is None:
-            if re.fullmatch(r"[\d.]+", s[pos:]):
-                raise ValueError(f"invalid duration {text!r}: missing unit (e.g. {s[pos:]}s)")
-            raise ValueError(f"invalid duration {text!r}")
-        unit = m.group(2)
-        if unit not in _UNITS:
-            raise ValueError(f"invalid duration {text!r}: unknown unit {unit!r}")
-        total += float(m.group(1)) * _UNITS[unit]
-        pos = m.end()
-    return sign * total
 
 
 def _duration_arg(text: str) -> float:
@@ -150,33 +91,8 @@ def default_hostname(override: str = "", env: Mapping[str, str] | None = None) -
 
 
 # --------------------------------------------------------------------------
-# settings
+# flags -> settings
 # --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    node_name: str
-    proxy_mode: str = "iptables"
-    kubeconfig: str | None = None
-    master: str | None = None
-    cluster_cidrs: tuple[str, ...] = ()
-    masquerade_all: bool = False
-    min_sync_period: float = 1.0
-    sync_period: float = 30.0
-    nodeport_addresses: tuple[str, ...] = ()
-    metrics_bind: tuple[str, int] | None = ("127.0.0.1", 10249)
-    healthz_bind: tuple[str, int] | None = ("0.0.0.0", 10256)
-    feature_gates: Mapping[str, bool] = field(default_factory=dict)
-    proxy_name: str = ""
-    verbosity: int = 0
-    iptables_backend: str = "auto"
-    masquerade_bit: int = 14
-    ipvs_scheduler: str = "rr"
-    # None: wait for a draining real server's connections however long.
-    ipvs_max_drain: float | None = 900.0
-    dry_run: bool = False
-    conntrack_cleanup: bool = True
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -334,291 +250,6 @@ def settings_from_args(
         dry_run=args.dry_run,
         conntrack_cleanup=getattr(args, "conntrack_cleanup", True),
     )
-
-
-# --------------------------------------------------------------------------
-# pluggable parts (tests replace them)
-# --------------------------------------------------------------------------
-
-
-class Source(Protocol):
-    def start(self) -> None: ...
-    def stop(self, timeout: float = 5.0) -> bool: ...
-
-
-SourceFactory = Callable[
-    [RunSettings, Callable[[ObjectEvent], None], Callable[[str], None]], Source
-]
-BackendFactory = Callable[[RunSettings], Backend]
-
-
-def kube_source(
-    settings: RunSettings,
-    sink: Callable[[ObjectEvent], None],
-    on_synced: Callable[[str], None],
-) -> Source:
-    """The API server source; the only place `run` touches the reflector."""
-    from agent.sources.kube import KubeSource, make_api_client
-
-    try:
-        api = make_api_client(kubeconfig=settings.kubeconfig, master=settings.master)
-    except Exception as err:  # kubeconfig unreadable, not in a cluster, ...
-        raise ConfigError(f"cannot configure the API client: {err}") from None
-    return KubeSource(
-        api,
-        sink,
-        node_name=settings.node_name,
-        proxy_name=settings.proxy_name or None,
-        on_synced=on_synced,
-    )
-
-
-def registry_backend(settings: RunSettings) -> Backend:
-    """The backend for --proxy-mode, from agent.backends.registry.
-
-    Expected there: ``create(mode: str, settings: RunSettings) -> Backend``.
-    """
-    try:
-        registry = importlib.import_module("agent.backends.registry")
-    except ModuleNotFoundError:
-        raise ConfigError(
-            f"--proxy-mode {settings.proxy_mode}: no backend registry in this build"
-        ) from None
-    try:
-        backend: Backend = registry.create(settings.proxy_mode, settings)
-    except (ValueError, OSError, ImportError) as err:
-        raise ConfigError(f"--proxy-mode {settings.proxy_mode}: {err}") from None
-    return backend
-
-
-class _PlanText:
-    """Stand-in renderer when no backend renderer exists: the explain view."""
-
-    name = "plan"
-
-    def render(self, plan: NodePlan) -> str:
-        from agent.explain import plan_text
-
-        return plan_text(plan, None, color=False)
-
-
-class DryRunBackend:
-    """Renders every sync and prints the difference; never touches the kernel."""
-
-    def __init__(self, renderer: Any, out: TextIO) -> None:
-        self.name = f"dry-run({getattr(renderer, 'name', '?')})"
-        self._renderer = renderer
-        self._out = out
-        self._previous = ""
-        self._count = 0
-        self._lock = threading.Lock()
-
-    def render(self, plan: NodePlan) -> str:
-        return str(self._renderer.render(plan))
-
-    def sync(self, plan: NodePlan, changed: Collection[ServicePortName] | None) -> SyncResult:
-        text = self.render(plan)
-        kind: SyncKind = "full" if changed is None else "partial"
-        with self._lock:
-            self._count += 1
-            before = self._previous
-            diff = list(
-                difflib.unified_diff(
-                    before.splitlines(keepends=True),
-                    text.splitlines(keepends=True),
-                    fromfile="rules before" if self._count > 1 else "no rules",
-                    tofile=f"rules after sync {self._count} ({kind})",
-                )
-            )
-            self._previous = text
-            if diff:
-                self._out.writelines(line if line.endswith("\n") else line + "\n" for line in diff)
-                self._out.flush()
-        written = sum(1 for d in diff if d.startswith("+") and not d.startswith("+++"))
-        return SyncResult(
-            kind=kind,
-            ok=True,
-            service_ports_changed=len(changed) if changed is not None else 0,
-            rules_written=written,
-        )
-
-    def cleanup(self) -> int:
-        return 0
-
-
-def dry_run_backend(settings: RunSettings, out: TextIO) -> DryRunBackend:
-    try:
-        renderer: Any = registry_backend(settings)
-    except ConfigError as err:
-        log.warning(
-            "no_renderer %s",
-            kv(reason=str(err), showing="the plan (sliceproxy explain) instead of rules"),
-        )
-        renderer = _PlanText()
-    return DryRunBackend(renderer, out)
-
-
-@dataclass(frozen=True)
-class Running:
-    """What ``serve`` started, handed to ``Deps.on_started`` (tests use it to
-    find the agent and the ports a ``:0`` bind address picked)."""
-
-    agent: Agent
-    health: ProxyHealth
-    metrics: Metrics
-    healthz_port: int | None
-    metrics_port: int | None
-
-
-@dataclass(frozen=True)
-class Deps:
-    source: SourceFactory = kube_source
-    backend: BackendFactory | None = None
-    out: TextIO | None = None
-    on_started: Callable[[Running], None] | None = None
-    # The stale-UDP-conntrack cleaner. None: the real one (``conntrack`` on
-    # this host) with a registry backend, none with an injected backend, so
-    # tests with fake backends never touch the host's conntrack table.
-    conntrack: Callable[[Metrics], ConntrackCleaner | None] | None = None
-
-
-# --------------------------------------------------------------------------
-# running
-# --------------------------------------------------------------------------
-
-
-def _nodeport_bind_addresses(settings: RunSettings, agent: Agent) -> Callable[[], Sequence[str]]:
-    """healthCheckNodePort bind addresses: the node's addresses inside
-    --nodeport-addresses, or every address when that flag is unset (upstream)."""
-
-    def addresses() -> Sequence[str]:
-        if not settings.nodeport_addresses:
-            return ("0.0.0.0",)
-        node_ips = list(agent.state.node.addresses)
-        chosen: list[str] = []
-        for item in settings.nodeport_addresses:
-            if item == "primary":
-                chosen += [ip for ip in node_ips[:2] if ip not in chosen]
-                continue
-            net = ipaddress.ip_network(item)
-            chosen += [
-                ip for ip in node_ips if ipaddress.ip_address(ip) in net and ip not in chosen
-            ]
-        if not chosen:
-            log.warning(
-                "healthcheck_bind %s",
-                kv(reason="no node address matches --nodeport-addresses", using="0.0.0.0"),
-            )
-        return chosen or ("0.0.0.0",)
-
-    return addresses
-
-
-def _conntrack_cleaner(
-    settings: RunSettings, deps: Deps, metrics: Metrics
-) -> ConntrackCleaner | None:
-    """Dry run changes nothing, so it deletes no flows either and prints
-    nothing about them (the deletions depend on the live conntrack table,
-    not on the rules being diffed)."""
-    if settings.dry_run or not settings.conntrack_cleanup:
-        return None
-    if deps.conntrack is not None:
-        return deps.conntrack(metrics)
-    if deps.backend is not None:
-        return None
-    return ConntrackCleaner(metrics=metrics)
-
-
-def serve(settings: RunSettings, stop: threading.Event, deps: Deps | None = None) -> int:
-    """Run until ``stop`` is set; returns the exit status."""
-    deps = deps or Deps()
-    out = deps.out or sys.stdout
-    if deps.backend is not None:
-        backend: Backend = deps.backend(settings)
-        if settings.dry_run:
-            backend = DryRunBackend(backend, out)
-    elif settings.dry_run:
-        backend = dry_run_backend(settings, out)
-    else:
-        backend = registry_backend(settings)
-
-    metrics = Metrics()
-    health = ProxyHealth(timeout=2 * settings.sync_period)
-    servers: list[ServerThread] = []
-    service_health: ServiceHealthServers | None = None
-    agent: Agent | None = None
-    source: Source | None = None
-    metrics_server: ServerThread | None = None
-    health_server: ServerThread | None = None
-    try:
-        if settings.metrics_bind is not None:
-            metrics_server = metrics.serve(*settings.metrics_bind)
-            servers.append(metrics_server)
-        if settings.healthz_bind is not None:
-            health_server = serve_health(health, *settings.healthz_bind, metrics.record_probe)
-            servers.append(health_server)
-        agent = Agent(
-            AgentOptions(
-                node_name=settings.node_name,
-                proxy_name=settings.proxy_name,
-                prefer_same_node=bool(
-                    settings.feature_gates.get("PreferSameTrafficDistribution", True)
-                ),
-                min_sync_period=settings.min_sync_period,
-                sync_period=settings.sync_period,
-            ),
-            backend,
-            metrics=metrics,
-            health=health,
-            conntrack=_conntrack_cleaner(settings, deps, metrics),
-        )
-        if not settings.dry_run:
-            service_health = ServiceHealthServers(
-                health.is_healthy,
-                _nodeport_bind_addresses(settings, agent),
-                on_listen_error=lambda *_: metrics.healthcheck_listen_failures.inc(),
-            )
-            agent.service_health = service_health
-        log.info(
-            "starting %s",
-            kv(
-                node=settings.node_name,
-                backend=backend.name,
-                dry_run=settings.dry_run,
-                min_sync_period=f"{settings.min_sync_period}s",
-                sync_period=f"{settings.sync_period}s",
-                metrics=":".join(map(str, settings.metrics_bind or ())) or None,
-                healthz=":".join(map(str, settings.healthz_bind or ())) or None,
-            ),
-        )
-        agent.start()
-        source = deps.source(settings, agent.handle, agent.source_synced)
-        source.start()
-        if deps.on_started is not None:
-            deps.on_started(
-                Running(
-                    agent,
-                    health,
-                    metrics,
-                    health_server.port if health_server is not None else None,
-                    metrics_server.port if metrics_server is not None else None,
-                )
-            )
-        stop.wait()
-        log.info("stopping %s", kv(reason="signal", rules="left in place"))
-    except OSError as err:
-        # A bind failure of our own servers is a configuration problem.
-        raise ConfigError(f"cannot start: {err}") from None
-    finally:
-        if source is not None and not source.stop(timeout=5.0):
-            log.warning("stopping %s", kv(reason="watch threads still running"))
-        if agent is not None and not agent.stop(timeout=10.0):
-            log.warning("stopping %s", kv(reason="sync in progress abandoned"))
-        if service_health is not None:
-            service_health.close()
-        for server in servers:
-            server.close()
-    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,9 +23,9 @@ from agent.backends.base import SyncResult
 from agent.backends.iptables.apply import IptablesBackend
 from agent.backends.iptables.options import RenderOptions
 from agent.backends.iptables.restore import binary, subprocess_runner
-from agent.commands.run import RunSettings
 from agent.model import ServicePortName
 from agent.plan import NodePlan
+from agent.serve import RunSettings
 from tests.support.agent_fakes import NODE, endpoint, eslice, node, service
 from tests.support.fake_apiserver import FakeApiServer
 from tests.support.netns import delete_namespace, run

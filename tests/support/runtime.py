@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from agent.backends.base import Backend
-from agent.commands.run import Deps, Running, RunSettings, Source, serve
+from agent.serve import Deps, Running, RunSettings, Source, serve
 from agent.sources.events import ObjectEvent
 from agent.sources.kube import KubeSource, ReflectorOptions, make_api_client
 

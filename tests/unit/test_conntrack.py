@@ -553,7 +553,7 @@ def test_conntrack_cleanup_flag_refuses_non_booleans() -> None:
 
 
 def test_serve_gives_the_agent_a_cleaner_only_when_it_may_touch_the_kernel() -> None:
-    from agent.commands.run import Deps, RunSettings, _conntrack_cleaner
+    from agent.serve import Deps, RunSettings, _conntrack_cleaner
 
     metrics = Metrics()
     fake = ConntrackCleaner(FakeConntrack())

@@ -11,9 +11,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.commands.run import RunSettings
 from agent.model import ServicePortName
 from agent.plan import NodePlan
+from agent.serve import RunSettings
 from tests.support.agent_fakes import NODE, FakeBackend, endpoint, eslice, http_get, node, service
 from tests.support.fake_apiserver import FakeApiServer
 from tests.support.runtime import Served, serving, wait_for

@@ -16,17 +16,12 @@ from pathlib import Path
 import pytest
 
 from agent.cli import build_parser, main
-from agent.commands.run import (
-    Deps,
-    RunSettings,
-    default_hostname,
-    parse_duration,
-    serve,
-    settings_from_args,
-)
+from agent.commands.run import default_hostname, settings_from_args
 from agent.config import ConfigError
+from agent.durations import parse_duration
 from agent.model import NodeInfo
 from agent.plan import NodePlan
+from agent.serve import Deps, RunSettings, serve
 from tests.support.agent_fakes import FakeBackend, endpoint, eslice, node, service
 from tests.support.fake_apiserver import FakeApiServer
 

@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from agent.commands.run import RunSettings
 from agent.health import GO_ZERO_TIME, ProxyHealth, go_time
+from agent.serve import RunSettings
 from tests.support.agent_fakes import (
     NODE,
     FakeBackend,
