@@ -13,7 +13,7 @@ from agent.model import ServicePortName
 from agent.plan import NodePlan
 
 
-class _PlanText:
+class PlanText:
     """Stand-in renderer when no backend renderer exists: the explain view."""
 
     name = "plan"

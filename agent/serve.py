@@ -25,7 +25,7 @@ from agent.agent import Agent, AgentOptions
 from agent.backends.base import Backend
 from agent.config import ConfigError
 from agent.conntrack_apply import ConntrackCleaner
-from agent.dryrun import DryRunBackend, _PlanText
+from agent.dryrun import DryRunBackend, PlanText
 from agent.health import ProxyHealth, serve_health
 from agent.healthcheck import ServiceHealthServers
 from agent.httpserver import ServerThread
@@ -119,7 +119,7 @@ def dry_run_backend(settings: RunSettings, out: TextIO) -> DryRunBackend:
             "no_renderer %s",
             kv(reason=str(err), showing="the plan (sliceproxy explain) instead of rules"),
         )
-        renderer = _PlanText()
+        renderer = PlanText()
     return DryRunBackend(renderer, out)
 
 
