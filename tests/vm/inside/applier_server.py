@@ -63,6 +63,7 @@ def build_plan(spec: dict[str, Any]) -> Any:
             load_balancer_ips=tuple(s.get("lb_ips", ())),
             load_balancer_source_ranges=tuple(s.get("source_ranges", ())),
             affinity_timeout=s.get("affinity"),
+            external_traffic_policy=s.get("etp", "Cluster"),
         )
         eps = tuple(
             Endpoint(

@@ -52,6 +52,7 @@ WEB6 = "fd00:96::10"
 LB_SVC, LB_IP = "10.96.0.60", "203.0.113.10"
 EXT_SVC, EXT_IP = "10.96.0.70", "203.0.113.20"
 NODE_PORT = 30080
+LOCAL_SVC, LOCAL_NODE_PORT = "10.96.0.100", 30081
 # The uplink's address: a local address that is not the Node object's, so
 # a NodePort there shows that NodePorts follow the kernel's addresses.
 UPLINK_IP = "198.18.0.1"
@@ -104,6 +105,15 @@ def services(drain_pods=("pod-a", "pod-b"), dns_pods=("pod-a", "pod-b")) -> list
             "endpoints": all3,
         },
         {"name": "ext", "ips": [EXT_SVC], "port": 80, "external_ips": [EXT_IP], "endpoints": all3},
+        {
+            # externalTrafficPolicy Local: pod-a is on this node, pod-b is not.
+            "name": "local",
+            "ips": [LOCAL_SVC],
+            "port": 80,
+            "node_port": LOCAL_NODE_PORT,
+            "etp": "Local",
+            "endpoints": [ep(p, TCP) for p in ("pod-a", "pod-b")],
+        },
     ]
 
 
@@ -179,6 +189,18 @@ def test_nodeport_from_outside_client_reaches_every_endpoint_masqueraded(node):
     result = client(node).connect_many(node.topo.node_ip(4), NODE_PORT, attempts=9)
     assert set(result.pods) == set(PODS), result.errors
     assert set(result.client_ips) == {node.topo.node_ip(4)}
+
+
+def test_external_policy_local_nodeport_keeps_the_client_ip_and_stays_local(node):
+    outside = client(node)
+    result = outside.connect_many(node.topo.node_ip(4), LOCAL_NODE_PORT, attempts=6)
+    assert set(result.pods) == {"pod-a"}, result.errors  # only this node's endpoint
+    # Not masqueraded: the pod sees the outside client's own address.
+    assert set(result.client_ips) == set(result.source_ips), (result.client_ips, result.source_ips)
+    assert node.topo.node_ip(4) not in result.client_ips
+    # Internal traffic to the ClusterIP still uses every endpoint.
+    inside = client(node).connect_many(LOCAL_SVC, 80, attempts=8)
+    assert set(inside.pods) == {"pod-a", "pod-b"}, inside.errors
 
 
 def test_nodeport_is_served_on_every_local_address_but_kube_ipvs0s(node):
