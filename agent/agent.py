@@ -50,7 +50,14 @@ from agent.logfmt import kv
 from agent.metrics import FAMILY_NAMES, Metrics
 from agent.model import ServicePortName
 from agent.parse import SERVICE_NAME_LABEL, Problem
-from agent.plan import NodePlan, build_plan, update_plan
+from agent.plan import (
+    EntryChanges,
+    NodePlan,
+    ServicePortPlan,
+    build_plan,
+    entry_changes,
+    update_plan,
+)
 from agent.runner import BoundedFrequencyRunner
 from agent.sources.events import KINDS, ObjectEvent
 from agent.state import ClusterState, Skipped
@@ -145,6 +152,11 @@ class Agent:
         self._need_full = True
         self._last_full: float | None = None
         self._skipped_seen: set[Skipped] = set()
+        # Derived from the synced plan, kept up to date from each sync's
+        # changed entries (plan.entry_changes): scanning every entry per
+        # event or per sync cost milliseconds at 10k services.
+        self._families: frozenset[str] = frozenset()
+        self._no_local: dict[tuple[str, str], int] | None = None
         self._started_wall = wall_clock()
         self.runner = BoundedFrequencyRunner(
             self.sync,
@@ -185,7 +197,7 @@ class Agent:
             self._pending |= changed
             self._note_change(event)
             synced = self._all_synced()
-            families = _families_of(self._plan) or {"IPv4"}
+            families = self._families or {"IPv4"}
         if self.health is not None:
             self.health.queued_update()
         if self.metrics is not None:
@@ -327,7 +339,10 @@ class Agent:
         if result.ok and self.conntrack is not None:
             self._clean_conntrack(old_plan, plan)
         duration = self._clock() - start
-        self._after_sync(plan, result, full, changed, pending_services, pending_endpoints, triggers)
+        changes = entry_changes(old_plan, plan) if result.ok else None
+        self._after_sync(
+            plan, changes, result, full, changed, pending_services, pending_endpoints, triggers
+        )
         report = SyncReport(
             kind=result.kind,
             ok=result.ok,
@@ -359,6 +374,7 @@ class Agent:
     def _after_sync(
         self,
         plan: NodePlan,
+        changes: EntryChanges | None,
         result: SyncResult,
         full: bool,
         changed: set[ServicePortName],
@@ -369,6 +385,7 @@ class Agent:
         with self._lock:
             if result.ok:
                 self._plan = plan
+                self._update_derived(plan, changes)
                 if full or result.kind == "full":
                     self._last_full = self._clock()
                     self._need_full = False
@@ -392,6 +409,27 @@ class Agent:
                 # Changes that arrived during this sync are still unsynced.
                 self.health.queued_update()
 
+    def _update_derived(self, plan: NodePlan, changes: EntryChanges | None) -> None:
+        """Families and no-local-endpoint counts of the newly synced plan:
+        from its changed entries when known, else from every entry."""
+        if changes is None or self._no_local is None:
+            self._families = frozenset(_families_of(plan))
+            self._no_local = no_local_endpoints(plan)
+            return
+        # A family only joins here (a counter at zero stays, as a proxier of
+        # that family would keep reporting it); a full sync recounts.
+        added = {FAMILY_NAMES.get(e.family, f"IPv{e.family}") for e in changes.after}
+        for name in added - self._families:
+            for policy in ("internal", "external"):
+                self._no_local.setdefault((name, policy), 0)
+        self._families |= added
+        for entry in changes.before:
+            for key in _no_local_keys(entry):
+                self._no_local[key] -= 1
+        for entry in changes.after:
+            for key in _no_local_keys(entry):
+                self._no_local[key] = self._no_local.get(key, 0) + 1
+
     def _record(
         self,
         report: SyncReport,
@@ -414,13 +452,13 @@ class Agent:
             ),
         )
         if self.metrics is not None:
-            families = {fam for _, fam in result.rule_counts} | _families_of(plan)
+            families = {fam for _, fam in result.rule_counts} | self._families
             wall_now = self._wall()
             self.metrics.record_sync(result, report.duration, families, wall_now)
             if result.ok:
                 for at, fam in triggers:
                     self.metrics.network_programming.labels(fam).observe(max(0.0, wall_now - at))
-                self.metrics.record_no_local_endpoints(no_local_endpoints(plan))
+                self.metrics.record_no_local_endpoints(dict(self._no_local or {}))
         if result.ok and self.service_health is not None:
             self.service_health.sync(plan)
         self.reports.append(report)
@@ -501,14 +539,21 @@ def no_local_endpoints(plan: NodePlan) -> dict[tuple[str, str], int]:
         name = FAMILY_NAMES.get(fam, f"IPv{fam}")
         counts[(name, "internal")] = 0
         counts[(name, "external")] = 0
-    for (_, fam), entry in plan.entries.items():
-        decision = entry.decision
-        if not decision.has_any_endpoints:
-            continue  # REJECTed as "no endpoints", not counted here
-        has_local = bool(decision.local)
-        name = FAMILY_NAMES.get(fam, f"IPv{fam}")
-        if entry.service.internal_policy_local and not has_local:
-            counts[(name, "internal")] += 1
-        if entry.service.external_policy_local and not has_local:
-            counts[(name, "external")] += 1
+    for entry in plan.entries.values():
+        for key in _no_local_keys(entry):
+            counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def _no_local_keys(entry: ServicePortPlan) -> list[tuple[str, str]]:
+    """The (family, traffic policy) counters one plan entry adds to."""
+    decision = entry.decision
+    if not decision.has_any_endpoints or decision.local:
+        return []  # REJECTed as "no endpoints", or has a local endpoint
+    name = FAMILY_NAMES.get(entry.family, f"IPv{entry.family}")
+    keys = []
+    if entry.service.internal_policy_local:
+        keys.append((name, "internal"))
+    if entry.service.external_policy_local:
+        keys.append((name, "external"))
+    return keys

@@ -133,10 +133,14 @@ def serving_keys(entry: ServicePortPlan) -> frozenset[str]:
 
 def udp_frontends(plan: NodePlan | None) -> dict[PlanKey, UdpFrontends]:
     """Every UDP service port (per family) that has serving endpoints."""
+    return {} if plan is None else frontends_of(plan.entries.values())
+
+
+def frontends_of(entries: Iterable[ServicePortPlan]) -> dict[PlanKey, UdpFrontends]:
+    """The UDP frontends of some plan entries (those with serving endpoints)."""
     out: dict[PlanKey, UdpFrontends] = {}
-    if plan is None:
-        return out
-    for key, entry in plan.entries.items():
+    for entry in entries:
+        key = entry.key
         svc = entry.service
         if svc.protocol.upper() != "UDP":
             continue

@@ -40,13 +40,14 @@ from agent.conntrack import (
     CONNTRACK_FAMILY,
     Deletion,
     UdpFrontends,
+    frontends_of,
     in_scope,
     parse_flows,
     stale_deletions,
     udp_frontends,
 )
 from agent.logfmt import kv
-from agent.plan import NodePlan, PlanKey
+from agent.plan import NodePlan, PlanKey, entry_changes
 
 if TYPE_CHECKING:
     from agent.metrics import Metrics
@@ -122,8 +123,18 @@ class ConntrackCleaner:
         self._missing_logged = False
 
     def cleanup_plans(self, old: NodePlan | None, new: NodePlan) -> CleanupReport:
-        """After a sync from ``old`` (None: unknown) to ``new``."""
-        return self.cleanup(None if old is None else udp_frontends(old), udp_frontends(new))
+        """After a sync from ``old`` (None: unknown) to ``new``.
+
+        When ``new`` was updated from ``old``, only its changed service ports
+        can hold new stale flows: those alone are compared, and the whole
+        frontend map is built only if one of them needs cleaning. A partial
+        sync's cost must not grow with the number of services.
+        """
+        changes = None if self._retry_all else entry_changes(old, new)
+        if changes is None:
+            return self.cleanup(None if old is None else udp_frontends(old), udp_frontends(new))
+        scope = in_scope(frontends_of(changes.before), frontends_of(changes.after))
+        return self._clean(scope, udp_frontends(new)) if scope else CleanupReport(0)
 
     def cleanup(
         self,
@@ -133,6 +144,13 @@ class ConntrackCleaner:
         scope = in_scope(None if self._retry_all else old, new)
         if not scope:
             return CleanupReport(0)
+        return self._clean(scope, new)
+
+    def _clean(
+        self, scope: Sequence[UdpFrontends], new: Mapping[PlanKey, UdpFrontends]
+    ) -> CleanupReport:
+        """Delete the stale flows of the frontends in ``scope``; ``new`` is
+        every frontend (a flow is judged against its own service port's)."""
         deletions: list[Deletion] = []
         deleted: dict[int, int] = {}
         errors: list[str] = []

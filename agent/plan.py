@@ -42,6 +42,11 @@ class NodePlan:
     entries: Mapping[PlanKey, ServicePortPlan]
     skipped: tuple[Skipped, ...] = ()
     node_reasons: tuple[str, ...] = field(default=())
+    # The service ports recomputed by update_plan from the plan it was given;
+    # None when built from scratch. It lets per-sync consumers (metrics,
+    # conntrack cleanup) look at what changed instead of every entry. Not
+    # part of the plan's meaning, hence not compared.
+    changed: frozenset[ServicePortName] | None = field(default=None, compare=False)
 
     def for_family(self, family: int) -> list[ServicePortPlan]:
         """The entries of one family, sorted by service port name."""
@@ -114,4 +119,28 @@ def update_plan(
         if resolved is not None:
             for p in plan_port(resolved, node, prefer_same_node):
                 entries[p.key] = p
-    return NodePlan(node, entries, tuple(state.skipped()), node_reasons(node))
+    return NodePlan(
+        node, entries, tuple(state.skipped()), node_reasons(node), changed=frozenset(changed)
+    )
+
+
+@dataclass(frozen=True)
+class EntryChanges:
+    """The entries of the service ports that changed, in the old and the new plan."""
+
+    before: tuple[ServicePortPlan, ...]
+    after: tuple[ServicePortPlan, ...]
+
+
+def entry_changes(old: NodePlan | None, new: NodePlan) -> EntryChanges | None:
+    """What differs from ``old`` to ``new``, when ``new`` was made by
+    ``update_plan(old, ...)``; None when that is unknown (no old plan, or a
+    plan built from scratch): the caller then looks at every entry.
+    """
+    if old is None or new.changed is None:
+        return None
+    keys = [(name, family) for name in new.changed for family in (4, 6)]
+    return EntryChanges(
+        before=tuple(old.entries[k] for k in keys if k in old.entries),
+        after=tuple(new.entries[k] for k in keys if k in new.entries),
+    )

@@ -568,3 +568,30 @@ def test_serve_gives_the_agent_a_cleaner_only_when_it_may_touch_the_kernel() -> 
     dry = RunSettings(node_name=NODE, dry_run=True)
     assert _conntrack_cleaner(off, Deps(conntrack=lambda m: fake), metrics) is None
     assert _conntrack_cleaner(dry, Deps(conntrack=lambda m: fake), metrics) is None
+
+
+def test_an_updated_plan_is_compared_only_on_its_changed_service_ports() -> None:
+    """update_plan records what it recomputed; the cleaner then looks at those
+    entries alone (a partial sync's cost must not grow with the service
+    count) and finds the same stale flow as a comparison of whole plans."""
+    from dataclasses import replace
+
+    from agent.plan import entry_changes
+
+    other = svc_port(name="other", ips=("10.96.0.99",))
+    old = plan_of((svc_port(), [ep("10.244.1.2")]), (other, [ep("10.244.9.9")]))
+    moved = plan_of((svc_port(), [ep("10.244.1.3")]), (other, [ep("10.244.9.9")]))
+    new = replace(moved, changed=frozenset({svc_port().name}))
+    changes = entry_changes(old, new)
+    assert changes is not None and [e.name for e in changes.after] == [svc_port().name]
+
+    listing = {"ipv4": _line(VIP, "10.244.1.2", 5353) + _line(VIP, "10.244.1.3", 5353, 40001)}
+    incremental = ConntrackCleaner(FakeConntrack(listing=listing)).cleanup_plans(old, new)
+    whole = ConntrackCleaner(FakeConntrack(listing=listing)).cleanup_plans(old, moved)
+    assert incremental.in_scope == whole.in_scope == 1
+    assert incremental.deletions == whole.deletions == (STALE,)
+
+    fake = FakeConntrack()
+    untouched = replace(old, changed=frozenset({other.name}))
+    assert ConntrackCleaner(fake).cleanup_plans(old, untouched).in_scope == 0
+    assert fake.calls == []

@@ -411,3 +411,39 @@ def test_handle_is_thread_safe_against_concurrent_syncs(clock: FakeClock) -> Non
     agent.runner.tick()
     agent.runner.tick()
     assert backend.calls[-1].plan.entries == agent.current_plan().entries
+
+
+def test_derived_counts_kept_from_changed_entries_equal_a_full_recount(
+    agent: Agent, backend: FakeBackend, clock: FakeClock
+) -> None:
+    """The agent keeps families and no-local-endpoint counts up to date from
+    each partial sync's changed entries; they must equal a recount."""
+    from agent.agent import _families_of, no_local_endpoints
+
+    local = {"internalTrafficPolicy": "Local"}
+    agent.handle(up(service("a", ip="10.96.0.1", **local)))
+    agent.handle(up(eslice("a-1", "a", endpoint("10.0.0.1"))))  # remote only
+    agent.handle(up(service("b", ip="10.96.0.2")))
+    synced(agent)
+    settle(agent, clock)
+    steps = [
+        up(eslice("a-1", "a", endpoint("10.0.0.1", node=NODE))),  # now local
+        up(service("c", ip="fd00::3", **local)),
+        up(eslice("c-1", "c", endpoint("10.0.0.3"))),  # wrong family: no endpoints
+        up(service("a", ip="10.96.0.1")),  # Cluster policy now
+        up(service("d", ip="10.96.0.4", **local)),
+        up(eslice("d-1", "d", endpoint("10.0.0.4"))),
+    ]
+    for event in steps:
+        agent.handle(event)
+        settle(agent, clock)
+        plan = agent.plan
+        assert plan is not None and backend.kinds[-1] == "partial"
+        assert agent._no_local == no_local_endpoints(plan)
+        assert agent._families == _families_of(plan)
+    assert agent._no_local == {
+        ("IPv4", "internal"): 1,  # d: Local, its only endpoint elsewhere
+        ("IPv4", "external"): 0,
+        ("IPv6", "internal"): 0,  # c: no endpoints at all, so rejected, not counted
+        ("IPv6", "external"): 0,
+    }
