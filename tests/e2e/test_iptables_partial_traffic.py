@@ -24,7 +24,7 @@ import pytest
 
 from agent.backends.iptables.chains import sep_chain, svc_chain
 from tests.e2e.conftest import BACKENDS, iptables_missing
-from tests.e2e.test_iptables_traffic import (
+from tests.support.iptables_scene import (
     NAMESPACE,
     NODE,
     POD_TCP,

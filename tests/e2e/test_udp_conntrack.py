@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import BACKENDS, TopologyFactory, iptables_missing
-from tests.e2e.test_iptables_traffic import (
+from tests.support.iptables_scene import (
     NODE,
     PODS,
     ZONE,
@@ -36,7 +36,7 @@ from tests.support.netns import NODE_IPV4, NODE_IPV6, Client, Topology, UdpClien
 
 pytestmark = pytest.mark.root
 
-OLD, NEW = "a1", "a2"  # both local pods of tests/e2e/test_iptables_traffic.PODS
+OLD, NEW = "a1", "a2"  # both local pods of tests/support/iptables_scene.PODS
 VIP = {4: "10.96.0.53", 6: "fd00:96::53"}
 PORT, POD_UDP = 53, 5353
 CLIENT_PORT = 41053  # the one source port the client socket keeps
