@@ -45,6 +45,7 @@ from agent.backends.iptables.restore import (
 )
 from agent.backends.iptables.rules import (
     FILTER,
+    FIXED_CHAINS,
     JUMPS,
     MANGLE,
     NAT,
@@ -59,27 +60,6 @@ log = logging.getLogger("sliceproxy.iptables")
 
 STATE_VERSION = 1
 _CHAIN_RE = re.compile(r"^:(\S+) ", re.M)
-
-# Our fixed chains, per table (cleanup removes them; the kubelet's
-# KUBE-FIREWALL is shared and left alone, as kube-proxy does).
-OWNED_FIXED: dict[str, tuple[str, ...]] = {
-    FILTER: (
-        c.KUBE_SERVICES,
-        c.KUBE_EXTERNAL_SERVICES,
-        c.KUBE_FORWARD,
-        c.KUBE_NODEPORTS,
-        c.KUBE_PROXY_FIREWALL,
-        c.KUBE_PROXY_CANARY,
-    ),
-    NAT: (
-        c.KUBE_SERVICES,
-        c.KUBE_NODEPORTS,
-        c.KUBE_POSTROUTING,
-        c.KUBE_MARK_MASQ,
-        c.KUBE_PROXY_CANARY,
-    ),
-    MANGLE: (c.KUBE_PROXY_CANARY,),
-}
 
 
 def family_label(family: int) -> str:
@@ -235,7 +215,7 @@ class IptablesBackend:
                     found = jump.table == table and jump.found_in(lines)
                     if found:
                         deletes.append("-D" + found[2:])
-                doomed = [ch for ch in OWNED_FIXED[table] if ch in existing]
+                doomed = [ch for ch in FIXED_CHAINS[table] if ch in existing]
                 doomed += sorted(ch for ch in existing if table == NAT and c.is_service_chain(ch))
                 if kube_proxy:
                     doomed += sorted(

@@ -22,6 +22,7 @@ from agent.backends.iptables import chains as c
 from agent.backends.iptables.options import LARGE_CLUSTER_ENDPOINTS, RenderOptions
 from agent.backends.iptables.rules import (
     FILTER,
+    FIXED_CHAINS,
     JUMPS,
     KUBELET_JUMPS,
     NAT,
@@ -344,14 +345,7 @@ class FixedRules:
 
 def fixed_rules(family: int, options: RenderOptions) -> FixedRules:
     mark = options.mark
-    filter_chains = [
-        c.KUBE_SERVICES,
-        c.KUBE_EXTERNAL_SERVICES,
-        c.KUBE_FORWARD,
-        c.KUBE_NODEPORTS,
-        c.KUBE_PROXY_FIREWALL,
-        c.KUBE_PROXY_CANARY,
-    ]
+    filter_chains = list(FIXED_CHAINS[FILTER])
     filter_rules: list[str] = []
     jumps = list(JUMPS)
     if family == 4 and options.localhost_nodeports:
@@ -410,13 +404,7 @@ def fixed_rules(family: int, options: RenderOptions) -> FixedRules:
         filter_chains=tuple(filter_chains),
         filter_rules=tuple(filter_rules),
         filter_tail=tuple(forward),
-        nat_chains=(
-            c.KUBE_SERVICES,
-            c.KUBE_NODEPORTS,
-            c.KUBE_POSTROUTING,
-            c.KUBE_MARK_MASQ,
-            c.KUBE_PROXY_CANARY,
-        ),
+        nat_chains=FIXED_CHAINS[NAT],
         nat_rules=nat_rules,
         nat_tail=tuple(tails),
         jumps=tuple(jumps),

@@ -17,6 +17,27 @@ Ref = tuple[str, str]
 # The shared chains, in the order kube-proxy declares them. A service's
 # lines in these chains are its "dispatch" lines: the only part of the
 # rules that a partial sync edits with -I/-D instead of rewriting.
+# Our fixed chains, per table (the renderer declares them, cleanup removes them; the kubelet's
+# KUBE-FIREWALL is shared and left alone, as kube-proxy does).
+FIXED_CHAINS: dict[str, tuple[str, ...]] = {
+    FILTER: (
+        c.KUBE_SERVICES,
+        c.KUBE_EXTERNAL_SERVICES,
+        c.KUBE_FORWARD,
+        c.KUBE_NODEPORTS,
+        c.KUBE_PROXY_FIREWALL,
+        c.KUBE_PROXY_CANARY,
+    ),
+    NAT: (
+        c.KUBE_SERVICES,
+        c.KUBE_NODEPORTS,
+        c.KUBE_POSTROUTING,
+        c.KUBE_MARK_MASQ,
+        c.KUBE_PROXY_CANARY,
+    ),
+    MANGLE: (c.KUBE_PROXY_CANARY,),
+}
+
 FILTER_DISPATCH: tuple[Ref, ...] = (
     (FILTER, c.KUBE_SERVICES),
     (FILTER, c.KUBE_EXTERNAL_SERVICES),
