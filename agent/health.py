@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from agent.httpserver import ServerThread
+from agent.httpserver import QuietHandler, ServerThread
 
 log = logging.getLogger(__name__)
 
@@ -164,26 +164,18 @@ class ProxyHealth:
 def _handler_for(
     health: ProxyHealth, on_probe: Callable[[str, int], None] | None
 ) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    # Probes arrive every few seconds: not logged (QuietHandler), counted
+    # in metrics through on_probe.
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path not in ("/healthz", "/livez"):
                 self.send_error(404)
                 return
             code, body = health.respond(path)
-            data = body.encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self.reply(code, body.encode())
             if on_probe is not None:
                 on_probe(path, code)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            # Probes arrive every few seconds; they are counted in metrics.
-            pass
 
     return Handler
 

@@ -21,9 +21,8 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
-from typing import Any
 
-from agent.httpserver import ServerThread
+from agent.httpserver import QuietHandler, ServerThread
 from agent.logfmt import kv
 from agent.plan import NodePlan
 
@@ -146,7 +145,7 @@ class ServiceHealthServers:
     def _handler(self, key: ServiceKey) -> type[BaseHTTPRequestHandler]:
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 count = owner.count(key)
                 if count is None:
@@ -162,15 +161,10 @@ class ServiceHealthServers:
                     },
                     indent="\t",
                 ).encode()
-                self.send_response(200 if count > 0 and healthy else 503)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("X-Content-Type-Options", "nosniff")
-                self.send_header("X-Load-Balancing-Endpoint-Weight", str(count))
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
+                self.reply(
+                    200 if count > 0 and healthy else 503,
+                    body,
+                    headers={"X-Load-Balancing-Endpoint-Weight": str(count)},
+                )
 
         return Handler

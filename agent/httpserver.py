@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 
 def split_host_port(address: str, flag: str = "address") -> tuple[str, int]:
@@ -25,6 +27,31 @@ def split_host_port(address: str, flag: str = "address") -> tuple[str, int]:
         host = host[1:-1]
     # Go's net.Listen treats an empty host as "all addresses".
     return host or "0.0.0.0", port
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler that writes whole replies and logs nothing: probes
+    and scrapes every few seconds would drown the agent's own log."""
+
+    def reply(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        if content_type == "application/json":
+            self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 class _DualServer(ThreadingHTTPServer):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from http.server import BaseHTTPRequestHandler
-from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -31,7 +30,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from agent.backends.base import SyncResult
-from agent.httpserver import ServerThread
+from agent.httpserver import QuietHandler, ServerThread
 
 log = logging.getLogger(__name__)
 
@@ -283,20 +282,11 @@ class Metrics:
 
 
 def _handler_for(metrics: Metrics) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             if self.path.split("?", 1)[0] != "/metrics":
                 self.send_error(404)
                 return
-            body = metrics.exposition()
-            self.send_response(200)
-            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            # A scrape every few seconds would drown the agent's own log.
-            pass
+            self.reply(200, metrics.exposition(), CONTENT_TYPE_LATEST)
 
     return Handler
