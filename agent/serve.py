@@ -13,7 +13,6 @@ black-hole Service traffic).
 from __future__ import annotations
 
 import importlib
-import ipaddress
 import logging
 import sys
 import threading
@@ -31,6 +30,7 @@ from agent.healthcheck import ServiceHealthServers
 from agent.httpserver import ServerThread
 from agent.logfmt import kv
 from agent.metrics import Metrics
+from agent.nodeports import NodePortAddresses
 from agent.sources.events import ObjectEvent
 
 log = logging.getLogger("agent.run")
@@ -152,23 +152,30 @@ class Deps:
 # --------------------------------------------------------------------------
 
 
+def nodeport_bind_addresses(
+    nodeport_addresses: NodePortAddresses, node_addresses: Sequence[str]
+) -> tuple[str, ...]:
+    """The node's addresses that accept NodePorts, in the node's order
+    (empty when none does). ``primary`` is the first address of *each*
+    family (upstream server.go), so a node with two IPv4 addresses and an
+    IPv6 one binds the first IPv4 and the IPv6 address."""
+    chosen = {
+        ip
+        for fam in (4, 6)
+        for ip in nodeport_addresses.select(node_addresses, node_addresses, fam)
+    }
+    return tuple(ip for ip in dict.fromkeys(node_addresses) if ip in chosen)
+
+
 def _nodeport_bind_addresses(settings: RunSettings, agent: Agent) -> Callable[[], Sequence[str]]:
     """healthCheckNodePort bind addresses: the node's addresses inside
     --nodeport-addresses, or every address when that flag is unset (upstream)."""
+    npa = NodePortAddresses.parse(settings.nodeport_addresses)
 
     def addresses() -> Sequence[str]:
-        if not settings.nodeport_addresses:
+        if not npa.is_set:
             return ("0.0.0.0",)
-        node_ips = list(agent.state.node.addresses)
-        chosen: list[str] = []
-        for item in settings.nodeport_addresses:
-            if item == "primary":
-                chosen += [ip for ip in node_ips[:2] if ip not in chosen]
-                continue
-            net = ipaddress.ip_network(item)
-            chosen += [
-                ip for ip in node_ips if ipaddress.ip_address(ip) in net and ip not in chosen
-            ]
+        chosen = nodeport_bind_addresses(npa, agent.state.node.addresses)
         if not chosen:
             log.warning(
                 "healthcheck_bind %s",

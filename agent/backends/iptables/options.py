@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from agent.config import ConfigError
 from agent.model import ip_family
+from agent.nodeports import NodePortAddresses
 
 # kube-proxy's default --iptables-masquerade-bit: 1 << 14 = 0x4000.
 DEFAULT_MASQUERADE_BIT = 14
@@ -32,7 +33,8 @@ class RenderOptions:
     masquerade_all: bool = False
     masquerade_bit: int = DEFAULT_MASQUERADE_BIT
     # --nodeport-addresses: NodePorts answer only on node addresses inside
-    # these CIDRs (empty: every local address, via -m addrtype LOCAL).
+    # these CIDRs, or on the node's primary IP of each family for "primary"
+    # (empty: every local address, via -m addrtype LOCAL).
     nodeport_addresses: tuple[str, ...] = ()
     # This node's addresses: the FW chain lets the node reach its own LB IP
     # when a source range covers the node IP; nodeport_addresses are
@@ -60,8 +62,7 @@ class RenderOptions:
                     f"--cluster-cidr: at most one CIDR per IP family ({seen[fam]}, {cidr})"
                 )
             seen[fam] = cidr
-        for cidr in self.nodeport_addresses:
-            _network(cidr, "--nodeport-addresses")
+        NodePortAddresses.parse(self.nodeport_addresses)
         for ip in self.node_ips:
             try:
                 ipaddress.ip_address(ip)
@@ -83,30 +84,27 @@ class RenderOptions:
         """Node addresses that accept NodePorts, or None for "every local address".
 
         kube-proxy matches --nodeport-addresses against the interfaces'
-        addresses; the node's addresses stand in for them here. Loopback is
-        kept only where localhost NodePorts work (IPv4 with the option on).
+        addresses; the node's addresses stand in for them here, and the
+        first of each family is the primary one. Loopback is kept only where
+        localhost NodePorts work (IPv4 with the option on).
         """
-        nets = [
-            _network(c, "--nodeport-addresses")
-            for c in self.nodeport_addresses
-            if ip_family(c) == family
-        ]
+        npa = NodePortAddresses.parse(self.nodeport_addresses)
         # No CIDR of this family, or a zero CIDR: every local address
         # (NodePortAddresses.MatchAll upstream).
-        if not nets or any(net.prefixlen == 0 for net in nets):
+        if npa.match_all(family, self.node_ips):
             return None
         candidates = list(self.node_ips_of(family))
         loopback = "127.0.0.1" if family == 4 else "::1"
         if loopback not in candidates:
             candidates.append(loopback)
-        out: list[str] = []
-        for ip in candidates:
-            addr = ipaddress.ip_address(ip)
-            if not any(addr in net for net in nets):
-                continue
-            if addr.is_loopback and (family == 6 or not self.localhost_nodeports):
-                continue
-            out.append(ip)
+        out = [
+            ip
+            for ip in npa.select(candidates, self.node_ips, family)
+            if not (
+                ipaddress.ip_address(ip).is_loopback
+                and (family == 6 or not self.localhost_nodeports)
+            )
+        ]
         return tuple(sorted(set(out), key=ipaddress.ip_address))
 
 

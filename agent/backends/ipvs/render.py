@@ -41,6 +41,7 @@ from agent.backends.ipvs.model import (
     check_scheduler,
 )
 from agent.model import Endpoint, ip_family
+from agent.nodeports import NodePortAddresses, primary_ip
 from agent.plan import NodePlan, ServicePortPlan
 
 DUMMY_LINK = "kube-ipvs0"
@@ -182,7 +183,8 @@ class IPVSOptions:
     # of the node but kube-ipvs0's), else the plan's node addresses.
     nodeport_addresses: tuple[str, ...] | None = None
     # --nodeport-addresses: serve NodePorts only on addresses in these CIDRs
-    # ("primary" = the node's first address of each family, as upstream).
+    # ("primary" = the node's first address of each family, as upstream);
+    # a family with no CIDR (or a zero one) serves on all its addresses.
     nodeport_cidrs: tuple[str, ...] = ()
     # --iptables-masquerade-bit: the fwmark bit of "masquerade this".
     masquerade_bit: int = 14
@@ -191,6 +193,9 @@ class IPVSOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scheduler", check_scheduler(self.scheduler))
+        # Refuse a bad --nodeport-addresses up front (ConfigError), as
+        # RenderOptions does, rather than at the first render.
+        NodePortAddresses.parse(self.nodeport_cidrs)
 
     @property
     def mark(self) -> str:
@@ -253,20 +258,19 @@ class _Builder:
         # External/LB IPs that already are addresses of the node need no
         # binding to kube-ipvs0, whatever --nodeport-addresses says.
         self.local = frozenset(a for a in addrs if _is_ip(a)) | frozenset(self.own_addresses)
-        nets = [
-            ipaddress.ip_network(c, strict=False) for c in opts.nodeport_cidrs if c != "primary"
-        ]
-        primary: set[str] = set()
-        if "primary" in opts.nodeport_cidrs:
-            for fam in (4, 6):
-                primary.update(next(([a] for a in self.own_addresses if ip_family(a) == fam), []))
-        restricted = bool(nets or primary)
-        self.node_addresses = tuple(
-            a
-            for a in dict.fromkeys((*addrs, *sorted(primary)))
-            if _nodeport_capable(a)
-            and (not restricted or a in primary or any(ipaddress.ip_address(a) in n for n in nets))
+        # --nodeport-addresses per family, as upstream's one proxier per
+        # family does (agent/nodeports.py). The primary IPs count as
+        # candidates even when the kernel's list lacks them (e.g. --node-ip
+        # names an address of another interface, or no list was read).
+        npa = NodePortAddresses.parse(opts.nodeport_cidrs)
+        primary = (
+            tuple(ip for fam in (4, 6) if (ip := primary_ip(self.own_addresses, fam)))
+            if npa.primary
+            else ()
         )
+        candidates = tuple(a for a in dict.fromkeys((*addrs, *primary)) if _nodeport_capable(a))
+        chosen = {a for fam in (4, 6) for a in npa.select(candidates, self.own_addresses, fam)}
+        self.node_addresses = tuple(a for a in candidates if a in chosen)
 
     def add_entry(self, base: str, family: int, entry: str) -> None:
         self.entries.setdefault((base, family), set()).add(entry)
