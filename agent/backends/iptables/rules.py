@@ -131,13 +131,17 @@ class Jump:
     def found_in(self, save_lines: Iterable[str]) -> str | None:
         """The iptables-save line that is this jump, if present.
 
-        Any rule in the source chain jumping to the target counts: the pair
-        is unique in our layout, and iptables-save may order matches
-        differently from how we wrote them.
+        A rule in the source chain jumping to the target that carries our
+        comment counts, whatever the order iptables-save prints its matches
+        in. The comment is required (as ``iptables -C`` would): the other
+        proxy mode's leftover jump between the same two chains (IPVS and
+        iptables mode both jump INPUT -> KUBE-PROXY-FIREWALL, with other
+        comments and matches) is not this one and must not hide it.
         """
         head, tail = f"-A {self.source} ", f"-j {self.target}"
         for line in save_lines:
-            if line.startswith(head) and line.rstrip().endswith(tail):
+            # The comment text, quoted or not (savers differ on quoting).
+            if line.startswith(head) and line.rstrip().endswith(tail) and self.comment in line:
                 return line.rstrip()
         return None
 

@@ -1,19 +1,22 @@
 """IPVS mode's few iptables rules, through the iptables backend's helper
 (agent/backends/iptables/restore.py): our chains are restored with
 --noflush (others' rules stay), and the jumps from the built-in chains, which
-are shared with everybody, are ensured one by one (check, then insert).
+are shared with everybody, are inserted only where iptables-save does not
+show them, as ``-I CHAIN 1`` lines of that same restore: one transaction per
+family, as the iptables backend's full sync does.
 
-The thin part added here: -C/-I/-D of single rules, which the helper does not
-offer (it only restores, saves and lists).
+The thin part added here: -D of single rules for cleanup, which the helper
+does not offer (it only restores, saves and lists).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import shlex
+from collections.abc import Iterable, Sequence
 
 from agent.backends.iptables.detect import detect_mode
 from agent.backends.iptables.restore import BinaryMissing, Iptables, IptablesError, Mode, binary
-from agent.backends.ipvs.model import JumpRule
+from agent.backends.iptables.rules import Jump
 from agent.backends.ipvs.render import FILTER_CHAINS, JUMPS, NAT_CHAINS
 
 __all__ = ["IptablesError", "IptablesRules"]
@@ -35,24 +38,25 @@ class IptablesRules:
     def ipt(self, family: int) -> Iptables:
         return Iptables(self.mode, family)
 
-    def _rule(self, op: str, rule: JumpRule) -> bool:
-        ipt = self.ipt(rule.family)
-        argv = [binary("", rule.family, self.mode), "-w", "-t", rule.table, op, rule.chain]
-        return ipt.runner([*argv, *rule.args()], None).returncode == 0
+    def _delete(self, family: int, jump: Jump) -> bool:
+        ipt = self.ipt(family)
+        argv = [binary("", family, self.mode), "-w", "-t", jump.table, "-D", jump.source]
+        return ipt.runner([*argv, *shlex.split(jump.spec)], None).returncode == 0
 
-    def restore(self, family: int, text: str) -> None:
-        self.ipt(family).restore(text)
+    def restore(self, family: int, text: str, jumps: Sequence[Jump] = ()) -> int:
+        """Restore our chains and, in the same transaction, whichever of
+        ``jumps`` are missing; the number of jumps inserted.
 
-    def ensure_jumps(self, rules: Iterable[JumpRule]) -> int:
-        """Insert the missing jump rules; the number inserted."""
-        n = 0
-        for rule in rules:
-            if self._rule("-C", rule):
-                continue
-            if not self._rule("-I", rule):
-                raise IptablesError(f"cannot insert into {rule.table}/{rule.chain}: {rule.text()}")
-            n += 1
-        return n
+        One iptables-save per table the jumps live in, then one restore:
+        1 + tables subprocesses however many jumps, and a jump never points
+        at a chain that the same restore has not just declared.
+        """
+        ipt = self.ipt(family)
+        # dict: each table once, in the order the jumps name them.
+        saves = {t: ipt.save(t).splitlines() for t in dict.fromkeys(j.table for j in jumps)}
+        missing = missing_jumps(jumps, saves)
+        ipt.restore(with_jumps(text, missing))
+        return len(missing)
 
     def available(self, family: int) -> bool:
         try:
@@ -63,9 +67,8 @@ class IptablesRules:
     def cleanup(self, family: int) -> int:
         """Remove our jumps and chains in one family; the number of objects removed."""
         n = 0
-        for table, chain, target, comment in JUMPS:
-            rule = JumpRule(family, table, chain, target, comment)
-            while self._rule("-D", rule):
+        for jump in JUMPS:
+            while self._delete(family, jump):
                 n += 1
         ipt = self.ipt(family)
         present = {
@@ -89,6 +92,37 @@ class IptablesRules:
                     except IptablesError:
                         n -= 1
         return n + sum(len(c) for c in present.values())
+
+
+def missing_jumps(jumps: Iterable[Jump], saves: dict[str, list[str]]) -> list[Jump]:
+    """The jumps that the iptables-save lines of their table do not show
+    (Jump.found_in: same chains and our comment)."""
+    return [jump for jump in jumps if jump.found_in(saves[jump.table]) is None]
+
+
+def with_jumps(text: str, jumps: Sequence[Jump]) -> str:
+    """iptables-restore input ``text`` plus ``-I CHAIN 1 ...`` for each jump,
+    at the end of its table's section (after our chains are declared).
+
+    Each goes to the top of its built-in chain, as upstream's
+    EnsureRule(Prepend) does; in order, so the last one ends up first.
+    """
+    if not jumps:
+        return text
+    out: list[str] = []
+    table = ""
+    done: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line == "COMMIT":
+            out += [f"-I {j.source} 1 {j.spec}" for j in jumps if j.table == table]
+            done.add(table)
+        out.append(line)
+    # A table our chains do not use: its own section (render always has both).
+    for t in dict.fromkeys(j.table for j in jumps if j.table not in done):
+        out += [f"*{t}", *(f"-I {j.source} 1 {j.spec}" for j in jumps if j.table == t), "COMMIT"]
+    return "\n".join(out) + "\n"
 
 
 def _script(chains: dict[str, list[str]], *, delete: bool) -> str:

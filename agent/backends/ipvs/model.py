@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from agent.backends.iptables.rules import Jump
+
 # kube-proxy's --ipvs-scheduler default.
 DEFAULT_SCHEDULER = "rr"
 
@@ -172,27 +174,6 @@ class IPSet:
 
 
 @dataclass(frozen=True)
-class JumpRule:
-    """A rule in a built-in chain that hands traffic to one of our chains.
-
-    Built-in chains are shared with everybody else on the node, so these are
-    ensured one by one (check, then insert) instead of being restored.
-    """
-
-    family: int
-    table: str
-    chain: str
-    target: str
-    comment: str
-
-    def args(self) -> tuple[str, ...]:
-        return ("-m", "comment", "--comment", self.comment, "-j", self.target)
-
-    def text(self) -> str:
-        return f'-I {self.chain} -m comment --comment "{self.comment}" -j {self.target}'
-
-
-@dataclass(frozen=True)
 class DesiredState:
     """Everything IPVS mode programs for one plan."""
 
@@ -202,7 +183,10 @@ class DesiredState:
     ipsets: tuple[IPSet, ...]
     # family -> iptables-restore input (our chains only, to be restored with --noflush).
     iptables: Mapping[int, str]
-    jumps: tuple[JumpRule, ...]
+    # Rules in the built-in chains that lead into ours, the same in every
+    # family: shared with everybody, so only the missing ones are inserted
+    # (agent/backends/ipvs/iptables.py), in the same restore as our chains.
+    jumps: tuple[Jump, ...]
     families: tuple[int, ...] = (4, 6)
     # Real servers per service port that were left out, with why (render notes).
     notes: tuple[str, ...] = field(default=())

@@ -25,6 +25,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from agent.backends.iptables.rules import Jump
 from agent.backends.ipvs.model import (
     DEFAULT_SCHEDULER,
     FLAG_PERSISTENT,
@@ -33,7 +34,6 @@ from agent.backends.ipvs.model import (
     DesiredService,
     DesiredState,
     IPSet,
-    JumpRule,
     RealServer,
     VirtualServer,
     VSKey,
@@ -153,17 +153,18 @@ FILTER_CHAINS = (
     "KUBE-IPVS-OUT-FILTER",
 )
 
-# (table, built-in chain, our chain, comment): upstream's iptablesJumpChain.
-JUMPS: tuple[tuple[str, str, str, str], ...] = (
-    ("nat", "OUTPUT", "KUBE-SERVICES", "kubernetes service portals"),
-    ("nat", "PREROUTING", "KUBE-SERVICES", "kubernetes service portals"),
-    ("nat", "POSTROUTING", "KUBE-POSTROUTING", "kubernetes postrouting rules"),
-    ("filter", "FORWARD", "KUBE-FORWARD", "kubernetes forwarding rules"),
-    ("filter", "INPUT", "KUBE-NODE-PORT", "kubernetes health check rules"),
-    ("filter", "INPUT", "KUBE-PROXY-FIREWALL", "kube-proxy firewall rules"),
-    ("filter", "FORWARD", "KUBE-PROXY-FIREWALL", "kube-proxy firewall rules"),
-    ("filter", "INPUT", "KUBE-IPVS-FILTER", "kubernetes ipvs access filter"),
-    ("filter", "OUTPUT", "KUBE-IPVS-OUT-FILTER", "kubernetes ipvs access filter"),
+# Upstream's iptablesJumpChain for IPVS mode: (table, built-in chain, our
+# chain, comment), each inserted at the top of its built-in chain.
+JUMPS: tuple[Jump, ...] = (
+    Jump("nat", "OUTPUT", "KUBE-SERVICES", "kubernetes service portals"),
+    Jump("nat", "PREROUTING", "KUBE-SERVICES", "kubernetes service portals"),
+    Jump("nat", "POSTROUTING", "KUBE-POSTROUTING", "kubernetes postrouting rules"),
+    Jump("filter", "FORWARD", "KUBE-FORWARD", "kubernetes forwarding rules"),
+    Jump("filter", "INPUT", "KUBE-NODE-PORT", "kubernetes health check rules"),
+    Jump("filter", "INPUT", "KUBE-PROXY-FIREWALL", "kube-proxy firewall rules"),
+    Jump("filter", "FORWARD", "KUBE-PROXY-FIREWALL", "kube-proxy firewall rules"),
+    Jump("filter", "INPUT", "KUBE-IPVS-FILTER", "kubernetes ipvs access filter"),
+    Jump("filter", "OUTPUT", "KUBE-IPVS-OUT-FILTER", "kubernetes ipvs access filter"),
 )
 
 
@@ -438,14 +439,9 @@ def render_state(
     ipsets = b.ipsets(families)
     by_name = {(s.name, s.family): s for s in ipsets}
     iptables = {fam: _iptables(fam, by_name, b.out_drops.get(fam, []), opts) for fam in families}
-    jumps = tuple(
-        JumpRule(fam, table, chain, target, comment)
-        for fam in families
-        for table, chain, target, comment in JUMPS
-    )
     services = {k: b.services[k] for k in b.order}
     return DesiredState(
-        services, frozenset(b.bind), ipsets, iptables, jumps, families, tuple(b.notes)
+        services, frozenset(b.bind), ipsets, iptables, JUMPS, families, tuple(b.notes)
     )
 
 
@@ -628,10 +624,8 @@ def render_text(state: DesiredState) -> str:
         tool = "iptables" if fam == 4 else "ip6tables"
         out.append(f"# {tool}-restore --noflush (IPv{fam})")
         out.append(state.iptables[fam].rstrip("\n"))
-        out.append(f"# IPv{fam} jumps from built-in chains (ensured with {tool} -C, then -I)")
-        for j in state.jumps:
-            if j.family == fam:
-                out.append(f"*{j.table} {j.text()}")
+        out.append(f"# IPv{fam} jumps from built-in chains (when missing: -I in that restore)")
+        out.extend(f"*{j.table} -I {j.source} {j.spec}" for j in state.jumps)
     return "\n".join(out) + "\n"
 
 
